@@ -1,0 +1,14 @@
+"""mplus: M+ and MemoryLLM on a hand-written Llama-3.1 in pure PyTorch."""
+from .config import ConfigError, LlamaConfig, RopeScaling
+from .generate import generate, generate_tokens, sample_next
+from .kv_cache import KVCache
+from .model import Llama
+try:
+    from .tokenizer import Tokenizer
+except ImportError:  # TEMP
+    pass
+from .weights import WeightsError
+
+__all__ = ["ConfigError", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "Tokenizer", "WeightsError",
+           "generate", "generate_tokens", "sample_next"]
+__version__ = "0.1.0"

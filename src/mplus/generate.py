@@ -1,0 +1,76 @@
+"""Token generation: a prefill, then one cached decode step per new token.
+
+Sampling is greedy when temperature is 0, otherwise temperature + top-p (nucleus) sampling drawn from an
+explicit torch.Generator, so the same seed gives the same tokens.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero all but the smallest set of most likely tokens whose mass reaches top_p; renormalise. probs [V]."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(descending=True)  # [V] each
+    mass_before = sorted_probs.cumsum(0) - sorted_probs  # [V] mass of strictly more likely tokens
+    sorted_probs[mass_before >= top_p] = 0.0  # the most likely token always survives
+    kept = torch.zeros_like(probs).scatter_(0, order, sorted_probs)  # [V]
+    return kept / kept.sum()
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> int:
+    """Pick the next token id from fp32 logits [V]."""
+    if temperature <= 0.0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [V]
+    return int(torch.multinomial(top_p_filter(probs, top_p), 1, generator=generator))
+
+
+def _prompt_tensor(prompt_ids) -> torch.Tensor:
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise ValueError("prompt_ids must be a non-empty list of token ids (or a [T] / [1, T] tensor)")
+    return ids[None]  # [1, T]
+
+
+def generate_tokens(model, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                    top_p: float = 1.0, generator: torch.Generator | None = None,
+                    stop_ids: Iterable[int] | None = None) -> Iterator[int]:
+    """Yield new token ids one by one (streaming); stops after a stop id (yielded) or max_new_tokens."""
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    ids = _prompt_tensor(prompt_ids)  # [1, T]
+    stop = set(model.config.eos_token_id if stop_ids is None else stop_ids)
+    if max_new_tokens == 0:
+        return
+    cache = model.new_cache(ids.shape[1] + max_new_tokens)
+    with torch.inference_mode():
+        logits = model(ids, cache=cache, last_only=True)[0, -1]  # [V]
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_p, generator)
+        yield token
+        if token in stop or step == max_new_tokens - 1:
+            return
+        with torch.inference_mode():  # not held across the yield: the caller's code runs outside it
+            logits = model(torch.tensor([[token]]), cache=cache, last_only=True)[0, -1]  # [V]
+
+
+def generate(model, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+             generator: torch.Generator | None = None, stop_ids: Iterable[int] | None = None,
+             on_token: Callable[[int], None] | None = None) -> list[int]:
+    """The new token ids after prompt_ids (greedy by default); on_token is called with each as it comes."""
+    out = []
+    for token in generate_tokens(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, generator=generator, stop_ids=stop_ids):
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+    return out

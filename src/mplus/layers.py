@@ -1,0 +1,132 @@
+"""The Llama-3.1 decoder block: RMSNorm, GQA attention with an optional key/value-only prefix, SwiGLU MLP.
+
+Module and parameter names are Hugging Face's (self_attn.q_proj, mlp.gate_proj, input_layernorm, ...), so a
+HF state dict loads by identity.
+
+Notation: B batch, T queries (the input positions), S keys (prefix + cached + input), P prefix length,
+d hidden_size, H query heads, H_kv key/value heads, D head_dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LlamaConfig
+from .rope import apply_rope
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / rms(x)); statistics in fp32, cast back to x's dtype *before* the weight multiply (HF, Meta)."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def causal_mask(n_queries: int, n_keys: int, device: torch.device | None = None) -> torch.Tensor:
+    """Bottom-right aligned causal mask [T, S] (True = may attend): query t sees key j iff j <= (S - T) + t.
+
+    The S - T leading keys (a memory prefix, or the cache) are visible to every query. SDPA's is_causal is
+    top-left aligned, which is only the same thing when T == S.
+    """
+    ones = torch.ones(n_queries, n_keys, dtype=torch.bool, device=device)
+    return ones.tril(diagonal=n_keys - n_queries)  # [T, S]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention: q [B, H, T, D] over k, v [B, H_kv, S, D] -> [B, H, T, D].
+
+    Query head h reads key/value head h // (H / H_kv) (repeat_interleave order), which is what SDPA's
+    enable_gqa does, without materialising the repeated keys.
+    """
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    if n_q == 1:  # one query at the end of the sequence sees every key
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    if n_q == n_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    mask = causal_mask(n_q, n_k, q.device)  # [T, S]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        d, D = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, D
+        self.q_proj = nn.Linear(d, self.n_heads * D, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * D, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * D, d, bias=False)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)  # [B, n, T, D]
+
+    def project_kv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values [B, H_kv, S, D] of normalised hidden states h [B, S, d] at cos/sin [S, D]."""
+        k = apply_rope(self._heads(self.k_proj(h), self.n_kv_heads), cos, sin)  # [B, H_kv, S, D]
+        v = self._heads(self.v_proj(h), self.n_kv_heads)  # [B, H_kv, S, D]
+        return k, v
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache=None, layer: int = 0) -> torch.Tensor:
+        """h [B, T, d] normalised input; prefix_kv: keys/values [B, H_kv, P, D] placed before the input."""
+        B, T, _ = h.shape
+        q = apply_rope(self._heads(self.q_proj(h), self.n_heads), cos, sin)  # [B, H, T, D]
+        k, v = self.project_kv(h, cos, sin)  # [B, H_kv, T, D]
+        if prefix_kv is not None:
+            k = torch.cat((prefix_kv[0], k), dim=2)  # [B, H_kv, P + T, D]
+            v = torch.cat((prefix_kv[1], v), dim=2)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)  # [B, H_kv, S, D], everything cached so far plus the new keys
+        out = attend(q, k, v)  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # [B, T, d]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, d]
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def prefix_kv(self, prefix: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values [B, H_kv, P, D] of prefix hidden states [B, P, d]: normalised like inputs, never queried.
+
+        A prefix's keys and values depend only on the prefix, its positions and the weights, so a caller may
+        compute them once and pass them to forward(prefix_kv=...) again and again.
+        """
+        return self.self_attn.project_kv(self.input_layernorm(prefix), cos, sin)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache=None, layer: int = 0) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, prefix_kv=prefix_kv, cache=cache, layer=layer)
+        x = x + h  # [B, T, d]
+        return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, d]

@@ -1,0 +1,19 @@
+"""Where fetched and converted artifacts live: $MPLUS_CACHE, else ~/.cache/mplus."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MPLUS_CACHE") or Path.home() / ".cache" / "mplus")
+
+
+def smollm2_dir() -> Path:
+    """HF-layout folder of the converted SmolLM2-135M-Instruct (config.json, model.safetensors, tokenizer.json)."""
+    return cache_dir() / "smollm2-135m-instruct"
+
+
+def llama31_tokenizer_path() -> Path:
+    """The rebuilt official Llama-3.1 tokenizer.json."""
+    return cache_dir() / "llama-3.1-tokenizer" / "tokenizer.json"

@@ -1,0 +1,226 @@
+"""Loading and saving Hugging Face safetensors checkpoints, one copy of the weights in memory.
+
+Loading builds the module on the meta device (no random init), reads each tensor straight from the file into
+its own buffer with readinto (no memory map, so the page cache is not counted twice in the process), casts it
+if asked, and assigns it with load_state_dict(strict=True, assign=True). Sharded checkpoints are driven by
+model.safetensors.index.json, so a layer whose tensors straddle two shards loads like any other.
+
+Every name and shape is checked against the module before any data is read: a missing, unexpected or
+mis-shaped tensor is an error that names it.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .config import LlamaConfig
+from .io import atomic_path, atomic_write_text
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+# Older checkpoints carry RoPE tables; they are derived from the config here, so they are skipped.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class WeightsError(ValueError):
+    """A checkpoint file that is malformed or does not fit the model."""
+
+
+# --------------------------------------------------------------------------------------- safetensors files
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The tensor table of a .safetensors file and the byte offset where its data starts; validated."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 << 20:
+            raise WeightsError(f"{path}: header length {n} does not fit the file of {size} bytes (truncated?)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightsError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: the safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape, (begin, end) = [int(s) for s in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"{path}: tensor '{name}' has a malformed entry {info!r}") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
+            raise WeightsError(f"{path}: tensor '{name}' has inconsistent shape {shape} and offsets {[begin, end]}")
+        if data_start + end > size:
+            raise WeightsError(f"{path}: tensor '{name}' ends past the end of the file (truncated download?)")
+    return header, data_start
+
+
+def read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
+    """Read one tensor from an open file into a fresh buffer (exactly one copy)."""
+    t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+    if t.numel():
+        f.seek(data_start + info["data_offsets"][0])
+        view = t.view(-1).view(torch.uint8).numpy()
+        if f.readinto(view) != view.nbytes:
+            raise WeightsError(f"{f.name}: unexpected end of file")
+    return t
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> file holding it, from the index if there is one."""
+    index, single = folder / INDEX_FILE, folder / SINGLE_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise WeightsError(f"{index} is not a valid safetensors index (needs a 'weight_map' object)") from None
+        return {name: folder / file for name, file in weight_map.items()}
+    if single.is_file():
+        header, _ = read_header(single)
+        return {name: single for name in header}
+    raise WeightsError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
+
+
+def iter_checkpoint(folder: Path, names: Iterable[str] | None = None,
+                    progress: bool = False) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, tensor) for the wanted tensors (all by default), streamed file by file."""
+    where = checkpoint_files(folder)
+    wanted = set(where) if names is None else set(names)
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        by_file.setdefault(where[name], []).append(name)
+    headers = {path: read_header(path) for path in by_file}
+    total = sum(headers[p][0][n]["data_offsets"][1] - headers[p][0][n]["data_offsets"][0]
+                for p, ns in by_file.items() for n in ns)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
+        for path, file_names in by_file.items():
+            header, data_start = headers[path]
+            missing = [n for n in file_names if n not in header]
+            if missing:
+                raise WeightsError(f"the index says {path.name} holds {missing[0]!r}, but that file does not")
+            with open(path, "rb") as f:  # in file order: one sequential read per shard
+                for name in sorted(file_names, key=lambda n: header[n]["data_offsets"][0]):
+                    t = read_tensor(f, header[name], data_start)
+                    bar.update(t.numel() * t.element_size())
+                    yield name, t
+
+
+# --------------------------------------------------------------------------------------- modules
+
+def load_state_into(model: torch.nn.Module, folder: Path, dtype: torch.dtype, *,
+                    rename: Callable[[str], str | None] = lambda n: n, optional: Iterable[str] = (),
+                    progress: bool = False) -> None:
+    """Fill a (meta-device) model from a checkpoint folder, strictly.
+
+    rename maps a file name to a module name (None skips the tensor); names in `optional` may be absent
+    from the file (tied weights), and are then left to the caller.
+    """
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    optional = set(optional)
+    file_names = {}
+    for name in checkpoint_files(folder):
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        target = rename(name)
+        if target is not None:
+            file_names[name] = target
+    unexpected = sorted(n for n, t in file_names.items() if t not in expected)
+    missing = sorted(set(expected) - set(file_names.values()) - optional)
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"unexpected tensors: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
+        raise WeightsError(f"checkpoint in {folder} does not fit the model: {'; '.join(parts)}")
+
+    state = {}
+    for name, t in iter_checkpoint(folder, file_names, progress=progress):
+        target = file_names[name]
+        want = expected[target]
+        if tuple(t.shape) != tuple(want.shape):
+            raise WeightsError(f"tensor '{name}' has shape {tuple(t.shape)}, the model expects {tuple(want.shape)}")
+        if want.dtype.is_floating_point != t.dtype.is_floating_point:
+            raise WeightsError(f"tensor '{name}' has dtype {t.dtype}, the model expects a "
+                               f"{'floating point' if want.dtype.is_floating_point else 'integer'} tensor")
+        state[target] = t.to(dtype) if t.dtype.is_floating_point else t
+    for name in optional - set(state):
+        state[name] = expected[name]  # still on meta: the caller ties or fills it
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def load_model(cls, path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False):
+    """Build `cls(config)` on the meta device and load a HF Llama folder into it (inference: no grads)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise WeightsError(f"model folder {folder} does not exist; run `mplus fetch` or pass a HF model folder")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating point type, got {dtype}")
+    config = LlamaConfig.from_file(folder)
+    with torch.device("meta"):
+        model = cls(config)
+    tied = config.tie_word_embeddings
+    load_state_into(model, folder, dtype, optional=("lm_head.weight",) if tied else (),
+                    rename=(lambda n: None if n == "lm_head.weight" else n) if tied else (lambda n: n),
+                    progress=progress)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval().requires_grad_(False)
+
+
+def save_model(model, path: str | Path, max_shard_bytes: int | None = None) -> None:
+    """Write config.json and the weights in HF layout, atomically; sharded with an index if max_shard_bytes."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_state(state, folder, max_shard_bytes)
+    atomic_write_text(folder / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
+
+
+def save_state(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int | None = None) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    stale = [folder / SINGLE_FILE, folder / INDEX_FILE, *folder.glob("model-*-of-*.safetensors")]
+    written = []
+    if len(shards) == 1 and not max_shard_bytes:
+        files = [SINGLE_FILE]
+    else:
+        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, shard in zip(files, shards):
+        with atomic_path(folder / file) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+        written.append(folder / file)
+    if files != [SINGLE_FILE]:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {n: f for f, s in zip(files, shards) for n in s}}
+        atomic_write_text(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        written.append(folder / INDEX_FILE)
+    for old in stale:  # a leftover file of the other layout would shadow or contradict the new one
+        if old not in written:
+            old.unlink(missing_ok=True)
