@@ -53,7 +53,7 @@ def test_save_load_round_trip(tmp_path, tied):
     model.save_pretrained(tmp_path)
     names = set(load_file(tmp_path / "model.safetensors"))
     assert ("lm_head.weight" in names) != tied
-    back = Llama.from_pretrained(tmp_path)
+    back = Llama.from_pretrained(tmp_path, packed=False)
     assert back.config == model.config
     for (n, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), n
@@ -87,7 +87,7 @@ def test_a_layer_split_across_two_shards_loads(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
     ids = torch.randint(0, 97, (1, 9))
-    assert torch.equal(Llama.from_pretrained(tmp_path)(ids), model(ids))
+    assert torch.equal(Llama.from_pretrained(tmp_path, packed=False)(ids), model(ids))
 
 
 def test_bf16_load_casts_per_tensor(tmp_path):
@@ -132,3 +132,19 @@ def test_missing_folder_and_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tiny_llama().config.to_dict()))
     with pytest.raises(WeightsError, match="no model.safetensors"):
         Llama.from_pretrained(tmp_path)
+
+
+def test_packed_layout_keeps_names_values_and_logits(tmp_path):
+    model = tiny_llama(seed=6, tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "plain")
+    packed = Llama.from_pretrained(tmp_path / "plain")  # packed by default
+    attn = packed.model.layers[0].self_attn
+    assert attn.qkv_weight is not None and attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
+    assert not packed.lm_head.weight.is_contiguous()  # stored in-major
+    assert packed.lm_head.weight is packed.model.embed_tokens.weight
+    for (n, a), (_, b) in zip(model.state_dict().items(), packed.state_dict().items()):
+        assert torch.equal(a, b), n
+    ids = torch.randint(0, 97, (2, 30))
+    assert (packed(ids) - model(ids)).abs().max() <= 1e-5
+    packed.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again/model.safetensors").read_bytes() == (tmp_path / "plain/model.safetensors").read_bytes()

@@ -3,12 +3,9 @@ from .config import ConfigError, LlamaConfig, RopeScaling
 from .generate import generate, generate_tokens, sample_next
 from .kv_cache import KVCache
 from .model import Llama
-try:
-    from .tokenizer import Tokenizer
-except ImportError:  # TEMP
-    pass
+from .tokenizer import StreamDecoder, Tokenizer
 from .weights import WeightsError
 
-__all__ = ["ConfigError", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "Tokenizer", "WeightsError",
+__all__ = ["ConfigError", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "StreamDecoder", "Tokenizer", "WeightsError",
            "generate", "generate_tokens", "sample_next"]
 __version__ = "0.1.0"

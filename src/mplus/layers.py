@@ -67,6 +67,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * D, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(self.n_heads * D, d, bias=False)
+        # Set by packing.pack_for_inference: q/k/v weights as one matrix, of which q/k/v_proj.weight are views.
+        self.qkv_weight: torch.Tensor | None = None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -80,11 +82,22 @@ class Attention(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache=None, layer: int = 0) -> torch.Tensor:
-        """h [B, T, d] normalised input; prefix_kv: keys/values [B, H_kv, P, D] placed before the input."""
+                cache=None, layer: int = 0, last_only: bool = False) -> torch.Tensor:
+        """h [B, T, d] normalised input; prefix_kv: keys/values [B, H_kv, P, D] placed before the input.
+
+        last_only: every position still writes its keys/values, but only the last one queries ([B, 1, d] out).
+        """
         B, T, _ = h.shape
-        q = apply_rope(self._heads(self.q_proj(h), self.n_heads), cos, sin)  # [B, H, T, D]
-        k, v = self.project_kv(h, cos, sin)  # [B, H_kv, T, D]
+        if self.qkv_weight is None:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)  # [B, T, H D], [B, T, H_kv D] x 2
+        else:
+            kv_dim = self.n_kv_heads * self.head_dim
+            q, k, v = F.linear(h, self.qkv_weight).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
+        q = apply_rope(self._heads(q, self.n_heads), cos, sin)  # [B, H, T, D]
+        k = apply_rope(self._heads(k, self.n_kv_heads), cos, sin)  # [B, H_kv, T, D]
+        v = self._heads(v, self.n_kv_heads)  # [B, H_kv, T, D]
+        if last_only:
+            q, T = q[:, :, -1:], 1  # [B, H, 1, D]
         if prefix_kv is not None:
             k = torch.cat((prefix_kv[0], k), dim=2)  # [B, H_kv, P + T, D]
             v = torch.cat((prefix_kv[1], v), dim=2)
@@ -101,9 +114,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=False)
         self.up_proj = nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
+        # Set by packing.pack_for_inference: gate/up weights as one matrix, of which gate/up_proj.weight are views.
+        self.gate_up_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, d]
+        if self.gate_up_weight is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)  # [B, T, f] each
+        else:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # [B, T, f] each
+        return self.down_proj(F.silu(gate) * up)  # [B, T, d]
 
 
 class DecoderLayer(nn.Module):
@@ -126,7 +145,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache=None, layer: int = 0) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, prefix_kv=prefix_kv, cache=cache, layer=layer)
-        x = x + h  # [B, T, d]
+                cache=None, layer: int = 0, last_only: bool = False) -> torch.Tensor:
+        """x [B, T, d] -> [B, T, d], or [B, 1, d] for the last position only (its keys/values all cached)."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, prefix_kv=prefix_kv, cache=cache, layer=layer,
+                           last_only=last_only)
+        x = (x[:, -1:] if last_only else x) + h  # [B, T or 1, d]
         return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, d]

@@ -26,7 +26,12 @@ class Decoder(nn.Module):
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # nn.Embedding's own init calls normal_, which on the meta device imports torch._dynamo (~1.6 s and
+        # ~75 MB of RSS); a checkpoint is about to overwrite it anyway, so initialise only real tensors.
+        weight = torch.empty(config.vocab_size, config.hidden_size)  # [V, d]
+        if weight.device.type != "meta":
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -46,10 +51,14 @@ class Llama(nn.Module):
     # ----------------------------------------------------------------------------------------- loading
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False) -> "Llama":
-        """Load a HF-layout folder (config.json + model.safetensors or a sharded index)."""
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
+                        packed: bool = True) -> "Llama":
+        """Load a HF-layout folder (config.json + model.safetensors or a sharded index) for inference.
+
+        packed: lay the weights out for fast CPU decoding (see packing.py); False keeps plain row-major weights.
+        """
         from .weights import load_model
-        return load_model(cls, path, dtype=dtype, progress=progress)
+        return load_model(cls, path, dtype=dtype, progress=progress, packed=packed)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
         from .weights import save_model
@@ -104,13 +113,14 @@ class Llama(nn.Module):
             p_cos, p_sin = rope_cos_sin(inv_freq, prefix_positions.to(input_ids.device))  # [P, D] each
 
         x = self.model.embed_tokens(input_ids)  # [B, T, d]
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             prefix_kv = None if prefix is None else layer.prefix_kv(prefix[i], p_cos, p_sin)
-            x = layer(x, cos, sin, prefix_kv=prefix_kv, cache=cache, layer=i)  # [B, T, d]
+            # With last_only, the last layer's other positions only need their keys/values (for the cache).
+            x = layer(x, cos, sin, prefix_kv=prefix_kv, cache=cache, layer=i,
+                      last_only=last_only and i == last)  # [B, T, d]; [B, 1, d] after a last_only last layer
         if cache is not None:
             cache.advance(P + T)
-        if last_only:
-            x = x[:, -1:]  # [B, 1, d]
         return self.lm_head(self.model.norm(x)).float()  # [B, T or 1, V]
 
     # ----------------------------------------------------------------------------------------- generation

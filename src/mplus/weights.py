@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .config import LlamaConfig
 from .io import atomic_path, atomic_write_text
+from .packing import materialize, pack_for_inference
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -72,14 +73,20 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, data_start
 
 
-def read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
-    """Read one tensor from an open file into a fresh buffer (exactly one copy)."""
-    t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+def read_tensor(f, info: dict, data_start: int, dest: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor from an open file: straight into `dest` when its dtype and layout allow, else into a
+    fresh buffer (then copied and cast into `dest` if given)."""
+    dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    direct = dest is not None and dest.dtype == dtype and dest.is_contiguous()
+    t = dest if direct else torch.empty(info["shape"], dtype=dtype)
     if t.numel():
         f.seek(data_start + info["data_offsets"][0])
         view = t.view(-1).view(torch.uint8).numpy()
         if f.readinto(view) != view.nbytes:
             raise WeightsError(f"{f.name}: unexpected end of file")
+    if dest is not None and not direct:
+        dest.copy_(t)
+        return dest
     return t
 
 
@@ -98,51 +105,64 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     raise WeightsError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
 
 
-def iter_checkpoint(folder: Path, names: Iterable[str] | None = None,
-                    progress: bool = False) -> Iterable[tuple[str, torch.Tensor]]:
-    """(name, tensor) for the wanted tensors (all by default), streamed file by file."""
+def checkpoint_index(folder: Path) -> dict[str, tuple[Path, dict, int]]:
+    """Tensor name -> (file, header entry, data start) for every tensor of a checkpoint folder."""
     where = checkpoint_files(folder)
-    wanted = set(where) if names is None else set(names)
+    headers = {path: read_header(path) for path in set(where.values())}
+    index = {}
+    for name, path in where.items():
+        header, data_start = headers[path]
+        if name not in header:
+            raise WeightsError(f"the index says {path.name} holds {name!r}, but that file does not")
+        index[name] = (path, header[name], data_start)
+    return index
+
+
+def iter_checkpoint(folder: Path, progress: bool = False) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor, streamed file by file in file order."""
+    index = checkpoint_index(folder)
+    yield from _stream(index, list(index), {}, progress)
+
+
+def _stream(index, names: list[str], dests: dict[str, torch.Tensor], progress: bool):
     by_file: dict[Path, list[str]] = {}
-    for name in wanted:
-        by_file.setdefault(where[name], []).append(name)
-    headers = {path: read_header(path) for path in by_file}
-    total = sum(headers[p][0][n]["data_offsets"][1] - headers[p][0][n]["data_offsets"][0]
-                for p, ns in by_file.items() for n in ns)
+    for name in names:
+        by_file.setdefault(index[name][0], []).append(name)
+    total = sum(_nbytes(index[n][1]) for n in names)
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
         for path, file_names in by_file.items():
-            header, data_start = headers[path]
-            missing = [n for n in file_names if n not in header]
-            if missing:
-                raise WeightsError(f"the index says {path.name} holds {missing[0]!r}, but that file does not")
             with open(path, "rb") as f:  # in file order: one sequential read per shard
-                for name in sorted(file_names, key=lambda n: header[n]["data_offsets"][0]):
-                    t = read_tensor(f, header[name], data_start)
-                    bar.update(t.numel() * t.element_size())
+                for name in sorted(file_names, key=lambda n: index[n][1]["data_offsets"][0]):
+                    _, info, data_start = index[name]
+                    t = read_tensor(f, info, data_start, dests.get(name))
+                    bar.update(_nbytes(info))
                     yield name, t
+
+
+def _nbytes(info: dict) -> int:
+    return info["data_offsets"][1] - info["data_offsets"][0]
 
 
 # --------------------------------------------------------------------------------------- modules
 
-def load_state_into(model: torch.nn.Module, folder: Path, dtype: torch.dtype, *,
+def load_state_into(model: torch.nn.Module, folder: Path, *,
                     rename: Callable[[str], str | None] = lambda n: n, optional: Iterable[str] = (),
                     progress: bool = False) -> None:
-    """Fill a (meta-device) model from a checkpoint folder, strictly.
+    """Fill a model's already allocated parameters and buffers from a checkpoint folder, strictly.
 
     rename maps a file name to a module name (None skips the tensor); names in `optional` may be absent
-    from the file (tied weights), and are then left to the caller.
+    from the file (tied weights). Every name, shape and dtype kind is checked from the file headers before
+    any data is read, so a checkpoint that does not fit changes nothing. Tensors are read straight into
+    their destination (cast on the way where the dtypes differ), so no second copy of the weights exists.
     """
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
-    optional = set(optional)
-    file_names = {}
-    for name in checkpoint_files(folder):
-        if name.endswith(IGNORED_SUFFIXES):
-            continue
-        target = rename(name)
-        if target is not None:
-            file_names[name] = target
-    unexpected = sorted(n for n, t in file_names.items() if t not in expected)
-    missing = sorted(set(expected) - set(file_names.values()) - optional)
+    expected = model.state_dict(keep_vars=True)
+    index = checkpoint_index(folder)
+    targets = {}
+    for name in index:
+        if not name.endswith(IGNORED_SUFFIXES) and rename(name) is not None:
+            targets[name] = rename(name)
+    unexpected = sorted(n for n, t in targets.items() if t not in expected)
+    missing = sorted(set(expected) - set(targets.values()) - set(optional))
     if unexpected or missing:
         parts = []
         if missing:
@@ -150,24 +170,26 @@ def load_state_into(model: torch.nn.Module, folder: Path, dtype: torch.dtype, *,
         if unexpected:
             parts.append(f"unexpected tensors: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
         raise WeightsError(f"checkpoint in {folder} does not fit the model: {'; '.join(parts)}")
-
-    state = {}
-    for name, t in iter_checkpoint(folder, file_names, progress=progress):
-        target = file_names[name]
-        want = expected[target]
-        if tuple(t.shape) != tuple(want.shape):
-            raise WeightsError(f"tensor '{name}' has shape {tuple(t.shape)}, the model expects {tuple(want.shape)}")
-        if want.dtype.is_floating_point != t.dtype.is_floating_point:
-            raise WeightsError(f"tensor '{name}' has dtype {t.dtype}, the model expects a "
+    for name, target in targets.items():
+        info, want = index[name][1], expected[target]
+        if tuple(info["shape"]) != tuple(want.shape):
+            raise WeightsError(f"tensor '{name}' has shape {tuple(info['shape'])}, the model expects {tuple(want.shape)}")
+        if want.dtype.is_floating_point != SAFETENSORS_DTYPES[info["dtype"]].is_floating_point:
+            raise WeightsError(f"tensor '{name}' has dtype {info['dtype']}, the model expects a "
                                f"{'floating point' if want.dtype.is_floating_point else 'integer'} tensor")
-        state[target] = t.to(dtype) if t.dtype.is_floating_point else t
-    for name in optional - set(state):
-        state[name] = expected[name]  # still on meta: the caller ties or fills it
-    model.load_state_dict(state, strict=True, assign=True)
+    with torch.no_grad():
+        for _ in _stream(index, list(targets), {n: expected[t] for n, t in targets.items()}, progress):
+            pass
 
 
-def load_model(cls, path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False):
-    """Build `cls(config)` on the meta device and load a HF Llama folder into it (inference: no grads)."""
+def load_model(cls, path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
+               packed: bool = True):
+    """Build `cls(config)` on the meta device, allocate its storage once, and fill it from a HF Llama folder.
+
+    The model is for inference (eval mode, no grads). packed: store the weights in the fast decoding layout
+    of packing.py (same values and names); the packed storage is allocated before any data is read, so the
+    weights are never held twice.
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise WeightsError(f"model folder {folder} does not exist; run `mplus fetch` or pass a HF model folder")
@@ -176,13 +198,14 @@ def load_model(cls, path: str | Path, dtype: torch.dtype = torch.float32, progre
     config = LlamaConfig.from_file(folder)
     with torch.device("meta"):
         model = cls(config)
+    if packed:
+        pack_for_inference(model, dtype)
+    materialize(model, dtype)
     tied = config.tie_word_embeddings
-    load_state_into(model, folder, dtype, optional=("lm_head.weight",) if tied else (),
+    load_state_into(model, folder, optional=("lm_head.weight",) if tied else (),
                     rename=(lambda n: None if n == "lm_head.weight" else n) if tied else (lambda n: n),
                     progress=progress)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval().requires_grad_(False)
+    return model.eval()
 
 
 def save_model(model, path: str | Path, max_shard_bytes: int | None = None) -> None:

@@ -1,0 +1,45 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Each creates its own virtual environment (.venv) and installs what it needs.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch's CPU wheel lies on this machine's disk; an unpinned torch would resolve to a multi-GB CUDA build.
+TORCH := torch==2.13.0
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+export MPLUS_CACHE ?= $(CURDIR)/.cache/mplus
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test test-slow test-all bench venv fetch clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(FIND_LINKS) $(TORCH)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(FIND_LINKS) -e '.[test]'
+	touch $@
+
+fetch: venv
+	$(VENV)/bin/mplus fetch
+
+demo: fetch
+	$(VENV)/bin/mplus generate --model $(MPLUS_CACHE)/smollm2-135m-instruct \
+		--prompt "The capital of France is" --max-new-tokens 24
+	$(VENV)/bin/mplus generate --model $(MPLUS_CACHE)/smollm2-135m-instruct --chat \
+		--prompt "Write a haiku about memory." --max-new-tokens 48
+
+test: fetch
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: fetch
+	$(PY) -m pytest -q -m slow
+
+test-all: fetch
+	$(PY) -m pytest -q
+
+bench: fetch
+	$(PY) bench/llama.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

