@@ -30,7 +30,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     return int(torch.multinomial(top_p_filter(probs, top_p), 1, generator=generator))
 
 
-def _prompt_tensor(prompt_ids) -> torch.Tensor:
+def prompt_tensor(prompt_ids) -> torch.Tensor:
     ids = torch.as_tensor(prompt_ids, dtype=torch.long)
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
@@ -39,38 +39,50 @@ def _prompt_tensor(prompt_ids) -> torch.Tensor:
     return ids[None]  # [1, T]
 
 
-def generate_tokens(model, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                    top_p: float = 1.0, generator: torch.Generator | None = None,
-                    stop_ids: Iterable[int] | None = None) -> Iterator[int]:
-    """Yield new token ids one by one (streaming); stops after a stop id (yielded) or max_new_tokens."""
+def decode_loop(prefill: Callable[[], torch.Tensor], step: Callable[[int], torch.Tensor], *,
+                max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None, stop: set[int] = frozenset()) -> Iterator[int]:
+    """The sampling loop shared by every model: prefill() -> logits [V], then step(token) -> logits [V]."""
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    ids = _prompt_tensor(prompt_ids)  # [1, T]
-    stop = set(model.config.eos_token_id if stop_ids is None else stop_ids)
     if max_new_tokens == 0:
         return
-    cache = model.new_cache(ids.shape[1] + max_new_tokens)
     with torch.inference_mode():
-        logits = model(ids, cache=cache, last_only=True)[0, -1]  # [V]
-    for step in range(max_new_tokens):
+        logits = prefill()  # [V]
+    for i in range(max_new_tokens):
         token = sample_next(logits, temperature, top_p, generator)
         yield token
-        if token in stop or step == max_new_tokens - 1:
+        if token in stop or i == max_new_tokens - 1:
             return
         with torch.inference_mode():  # not held across the yield: the caller's code runs outside it
-            logits = model(torch.tensor([[token]]), cache=cache, last_only=True)[0, -1]  # [V]
+            logits = step(token)  # [V]
 
 
-def generate(model, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, stop_ids: Iterable[int] | None = None,
-             on_token: Callable[[int], None] | None = None) -> list[int]:
-    """The new token ids after prompt_ids (greedy by default); on_token is called with each as it comes."""
+def generate_tokens(model, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                    top_p: float = 1.0, generator: torch.Generator | None = None,
+                    stop_ids: Iterable[int] | None = None) -> Iterator[int]:
+    """Yield new token ids one by one (streaming); stops after a stop id (yielded) or max_new_tokens."""
+    ids = prompt_tensor(prompt_ids)  # [1, T]
+    cache = model.new_cache(ids.shape[1] + max(max_new_tokens, 1))
+    yield from decode_loop(lambda: model(ids, cache=cache, last_only=True)[0, -1],
+                           lambda token: model(torch.tensor([[token]]), cache=cache, last_only=True)[0, -1],
+                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           generator=generator, stop=set(model.config.eos_token_id if stop_ids is None else stop_ids))
+
+
+def collect(tokens: Iterator[int], on_token: Callable[[int], None] | None = None) -> list[int]:
+    """Drain a token stream into a list, calling on_token with each token as it comes."""
     out = []
-    for token in generate_tokens(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, generator=generator, stop_ids=stop_ids):
+    for token in tokens:
         out.append(token)
         if on_token is not None:
             on_token(token)
     return out
+
+
+def generate(model, prompt_ids, *, on_token: Callable[[int], None] | None = None, **kwargs) -> list[int]:
+    """The new token ids after prompt_ids (greedy by default); on_token is called with each as it comes.
+    Keyword arguments as for generate_tokens."""
+    return collect(generate_tokens(model, prompt_ids, **kwargs), on_token)

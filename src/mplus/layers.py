@@ -16,6 +16,11 @@ from .config import LlamaConfig
 from .rope import apply_rope
 
 
+def project(linear: nn.Module, x: torch.Tensor, adapter: str | None) -> torch.Tensor:
+    """linear(x), through the named LoRA adapter when `linear` carries adapters (see lora.py)."""
+    return linear(x) if adapter is None else linear(x, adapter)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x / rms(x)); statistics in fp32, cast back to x's dtype *before* the weight multiply (HF, Meta)."""
     x32 = x.float()
@@ -74,22 +79,24 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n, self.head_dim).transpose(1, 2)  # [B, n, T, D]
 
-    def project_kv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_kv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   adapter: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated keys and values [B, H_kv, S, D] of normalised hidden states h [B, S, d] at cos/sin [S, D]."""
-        k = apply_rope(self._heads(self.k_proj(h), self.n_kv_heads), cos, sin)  # [B, H_kv, S, D]
-        v = self._heads(self.v_proj(h), self.n_kv_heads)  # [B, H_kv, S, D]
+        k = apply_rope(self._heads(project(self.k_proj, h, adapter), self.n_kv_heads), cos, sin)  # [B, H_kv, S, D]
+        v = self._heads(project(self.v_proj, h, adapter), self.n_kv_heads)  # [B, H_kv, S, D]
         return k, v
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache=None, layer: int = 0, last_only: bool = False) -> torch.Tensor:
+                cache=None, layer: int = 0, last_only: bool = False, adapter: str | None = None) -> torch.Tensor:
         """h [B, T, d] normalised input; prefix_kv: keys/values [B, H_kv, P, D] placed before the input.
 
         last_only: every position still writes its keys/values, but only the last one queries ([B, 1, d] out).
+        adapter: the LoRA adapter of q/k/v (o_proj never has one).
         """
         B, T, _ = h.shape
         if self.qkv_weight is None:
-            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)  # [B, T, H D], [B, T, H_kv D] x 2
+            q, k, v = (project(m, h, adapter) for m in (self.q_proj, self.k_proj, self.v_proj))  # [B, T, H D], [B, T, H_kv D] x 2
         else:
             kv_dim = self.n_kv_heads * self.head_dim
             q, k, v = F.linear(h, self.qkv_weight).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
@@ -117,12 +124,12 @@ class MLP(nn.Module):
         # Set by packing.pack_for_inference: gate/up weights as one matrix, of which gate/up_proj.weight are views.
         self.gate_up_weight: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
         if self.gate_up_weight is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)  # [B, T, f] each
+            gate, up = project(self.gate_proj, x, adapter), project(self.up_proj, x, adapter)  # [B, T, f] each
         else:
             gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # [B, T, f] each
-        return self.down_proj(F.silu(gate) * up)  # [B, T, d]
+        return project(self.down_proj, F.silu(gate) * up, adapter)  # [B, T, d]
 
 
 class DecoderLayer(nn.Module):
@@ -135,19 +142,20 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def prefix_kv(self, prefix: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefix_kv(self, prefix: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  adapter: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values [B, H_kv, P, D] of prefix hidden states [B, P, d]: normalised like inputs, never queried.
 
         A prefix's keys and values depend only on the prefix, its positions and the weights, so a caller may
         compute them once and pass them to forward(prefix_kv=...) again and again.
         """
-        return self.self_attn.project_kv(self.input_layernorm(prefix), cos, sin)
+        return self.self_attn.project_kv(self.input_layernorm(prefix), cos, sin, adapter)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache=None, layer: int = 0, last_only: bool = False) -> torch.Tensor:
+                cache=None, layer: int = 0, last_only: bool = False, adapter: str | None = None) -> torch.Tensor:
         """x [B, T, d] -> [B, T, d], or [B, 1, d] for the last position only (its keys/values all cached)."""
         h = self.self_attn(self.input_layernorm(x), cos, sin, prefix_kv=prefix_kv, cache=cache, layer=layer,
-                           last_only=last_only)
+                           last_only=last_only, adapter=adapter)
         x = (x[:, -1:] if last_only else x) + h  # [B, T or 1, d]
-        return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, d]
+        return x + self.mlp(self.post_attention_layernorm(x), adapter)  # [B, T, d]

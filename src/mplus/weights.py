@@ -124,6 +124,16 @@ def iter_checkpoint(folder: Path, progress: bool = False) -> Iterable[tuple[str,
     yield from _stream(index, list(index), {}, progress)
 
 
+def read_tensors(folder: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a checkpoint folder; a missing one is an error that names it."""
+    index = checkpoint_index(folder)
+    names = list(names)
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise WeightsError(f"checkpoint in {folder} lacks {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    return dict(_stream(index, names, {}, progress=False))
+
+
 def _stream(index, names: list[str], dests: dict[str, torch.Tensor], progress: bool):
     by_file: dict[Path, list[str]] = {}
     for name in names:

@@ -1,0 +1,391 @@
+"""MemoryLLM and M+ on the hand-written Llama: one code path, the memory held in an explicit MemoryState.
+
+Every layer l reads a prefix of hidden states that gives keys and values only (never queried):
+
+    generation:  [bos_embedding[l] (pos 0), retrieved LTM rows (pos 1..K0, M+ only), STM[l] (pos 1+K0..K0+N)]
+    injection:   [bos_embedding[l] (pos 0), the last K rows of STM[l] (pos 1..K)]
+
+and the input tokens follow at positions P = 1 + num_blocks*K onwards (injection: K+1 onwards). Injection
+runs the write adapter and returns, per layer, the last K outputs: the new memory block, which replaces K
+random STM rows; M+ moves the dropped rows to a cache that is merged into the LTM every few updates.
+Generation runs the read adapter and, in M+, retrieves K0 LTM rows per layer, once, from the prompt.
+
+Notation: L layers, T tokens, N STM rows, K rows per update, K0 retrieved rows, d hidden size, d_s key size.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from . import ltm as L
+from .config import ConfigError, LlamaConfig
+from .generate import collect, decode_loop, prompt_tensor
+from .io import atomic_write_text
+from .kv_cache import KVCache
+from .lora import READ, WRITE, LoRALinear, wrap_with_lora
+from .memory_config import MemoryConfig
+from .model import Decoder
+from .packing import materialize
+from .retriever import projector, select
+from .rope import inv_freq_for, rope_cos_sin
+from .state import MemoryState
+from .weights import checkpoint_index, load_state_into, read_tensors, save_state
+
+MIN_CHUNK = 16  # the shortest chunk the official training ever injected
+STATE_KEYS = ("memory", "initialized", "ltm.", "ltm_keys.", "ltm_ages.", "ltm_recall_frequencies.")
+
+
+def _is_state_key(name: str) -> bool:
+    return name in STATE_KEYS[:2] or name.startswith(STATE_KEYS[2:])
+
+
+class MPlus(nn.Module):
+    def __init__(self, config: LlamaConfig, memory: MemoryConfig):
+        super().__init__()
+        self.config, self.memory_config = config, memory
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        d, d_s = config.hidden_size, memory.selector_hidden_dim
+        for layer in self.model.layers:
+            wrap_with_lora(layer.self_attn, [t for t in ("q_proj", "k_proj", "v_proj") if t in memory.lora_targets],
+                           memory.lora_r, memory.lora_alpha)
+            wrap_with_lora(layer.mlp, [t for t in ("gate_proj", "up_proj", "down_proj") if t in memory.lora_targets],
+                           memory.lora_r, memory.lora_alpha)
+            if memory.kind == "mplus":
+                layer.self_attn.query_proj = projector(d, d_s, memory.num_selector_layers)  # f_q
+                layer.self_attn.key_proj = projector(d, d_s, memory.num_selector_layers)  # f_k
+                if memory.add_encoder_retriever:  # trained, never used at inference; kept for training
+                    layer.self_attn.encoder_query_proj = projector(d, d_s, memory.num_selector_layers)
+        self.bos_embedding = nn.Parameter(torch.zeros(config.num_hidden_layers, 1, d))  # [L, 1, d]
+        self.new_memory_positional_emb = nn.Parameter(torch.zeros(1, 1, d))  # [1, 1, d]
+        self.inv_freq = inv_freq_for(config)  # [D/2], fp32 (see model.py)
+        self.checkpoint_state: MemoryState | None = None  # the memory stored with the weights
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
+    # ----------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
+                        rope_bf16: bool = False) -> "MPlus":
+        """Load an official-layout M+ or MemoryLLM folder (weights plus the memory stored with them).
+
+        rope_bf16: round the RoPE inverse frequencies to bf16, as the official bf16 README path does by
+        casting the model twice (spec 9.1); needed for bit-parity with the released models run that way.
+        """
+        folder = Path(path)
+        raw = _read_config(folder)
+        config, memory = LlamaConfig.from_dict(raw), MemoryConfig.from_dict(raw)
+        with torch.device("meta"):
+            model = cls(config, memory)
+        materialize(model, dtype)
+        tied = config.tie_word_embeddings
+        load_state_into(model, folder, progress=progress, optional=("lm_head.weight",) if tied else (),
+                        rename=lambda n: None if _is_state_key(n) or (tied and n == "lm_head.weight") else n)
+        model.checkpoint_state = model._state_from_checkpoint(folder)
+        if rope_bf16:
+            model.inv_freq = model.inv_freq.bfloat16().float()
+        return model.eval()
+
+    @classmethod
+    def from_llama(cls, path: str | Path, memory: MemoryConfig, *, seed: int = 0,
+                   dtype: torch.dtype = torch.float32) -> "MPlus":
+        """A new M+ / MemoryLLM around a plain Llama checkpoint, initialised as the official training recipe:
+        memory ~ N(0, 1); bos_embedding[l] = embedding of BOS; new_memory_positional_emb = 0; LoRA A
+        Kaiming-uniform, B = 0; retriever weights ~ N(0, 0.02); empty LTM."""
+        folder = Path(path)
+        config = LlamaConfig.from_file(folder)
+        if config.bos_token_id is None:
+            raise ConfigError("the Llama config has no bos_token_id; the memory's BOS embedding starts from it")
+        with torch.device("meta"):
+            model = cls(config, memory)
+        materialize(model, dtype)
+        base = {n.replace(".base_layer.", "."): n for n, _ in model.named_parameters() if ".base_layer." in n}
+        fresh = [n for n, _ in model.named_parameters() if ".lora_" in n or "_proj.0." in n or "_proj.2." in n
+                 or n in ("bos_embedding", "new_memory_positional_emb")]
+        load_state_into(model, folder, rename=lambda n: base.get(n, n),
+                        optional=fresh + (["lm_head.weight"] if config.tie_word_embeddings else []))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, LoRALinear):
+                    module.reset_adapter(WRITE, g), module.reset_adapter(READ, g)
+            for layer in model.model.layers:
+                for name in ("query_proj", "key_proj", "encoder_query_proj"):
+                    for linear in getattr(layer.self_attn, name, ()):
+                        if isinstance(linear, nn.Linear):
+                            linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) * 0.02)
+            model.bos_embedding.copy_(model.model.embed_tokens.weight[config.bos_token_id].expand_as(model.bos_embedding))
+            model.new_memory_positional_emb.zero_()
+        n_layers, d = config.num_hidden_layers, config.hidden_size
+        stm = torch.randn(n_layers, memory.stm_size, d, generator=g).to(dtype)
+        model.checkpoint_state = model._new_state(stm, [torch.zeros(0, d, dtype=dtype)] * n_layers,
+                                                  [torch.zeros(0, memory.selector_hidden_dim, dtype=dtype)] * n_layers,
+                                                  [torch.zeros(0, dtype=torch.long)] * n_layers,
+                                                  [torch.zeros(0, dtype=torch.float64)] * n_layers)
+        return model.eval()
+
+    def _state_from_checkpoint(self, folder: Path) -> MemoryState:
+        n_layers, mem = self.config.num_hidden_layers, self.memory_config
+        names = ["memory"] + ([f"{k}.{l}" for k in ("ltm", "ltm_keys", "ltm_ages", "ltm_recall_frequencies")
+                               for l in range(n_layers)] if mem.kind == "mplus" else [])
+        t = read_tensors(folder, names)
+        stm = t["memory"]
+        if tuple(stm.shape) != (n_layers, mem.stm_size, self.config.hidden_size):
+            raise ConfigError(f"'memory' has shape {tuple(stm.shape)}, the config implies "
+                              f"{(n_layers, mem.stm_size, self.config.hidden_size)}")
+        if mem.kind != "mplus":
+            return self._new_state(stm.to(self.dtype), None, None, None, None)
+        per = lambda k: [t[f"{k}.{l}"] for l in range(n_layers)]  # noqa: E731
+        return self._new_state(stm.to(self.dtype), [x.to(self.dtype) for x in per("ltm")],
+                               [x.to(self.dtype) for x in per("ltm_keys")],
+                               [x.float().long() for x in per("ltm_ages")],  # truncated, as the official loader
+                               [x.double() for x in per("ltm_recall_frequencies")])
+
+    def _new_state(self, stm, ltm, keys, ages, rf, seed: int = 0) -> MemoryState:
+        n_layers, d, d_s = stm.shape[0], stm.shape[2], self.memory_config.selector_hidden_dim
+        empty = lambda shape, dtype: None if ltm is None else [torch.zeros(shape, dtype=dtype)] * n_layers  # noqa: E731
+        return MemoryState(stm=stm, stm_ages=torch.zeros(stm.shape[:2], dtype=torch.long), ltm=ltm, ltm_keys=keys,
+                           ltm_ages=ages, ltm_rf=rf, cache_rows=empty((0, d), stm.dtype),
+                           cache_keys=empty((0, d_s), stm.dtype), cache_ages=empty((0,), torch.long),
+                           update_step=0, generator=torch.Generator().manual_seed(seed))
+
+    def initial_state(self, seed: int = 0) -> MemoryState:
+        """A copy of the memory stored with the weights; `seed` seeds the generator of its STM drops."""
+        state = self.checkpoint_state.copy()
+        state.generator.manual_seed(seed)
+        return state
+
+    def save_pretrained(self, path: str | Path, state: MemoryState | None = None) -> None:
+        """Write the official layout: config.json and model.safetensors with weights, `memory` and the LTM.
+
+        The layout has no place for STM ages, the dropped-row cache or the generator: state.save() keeps those.
+        """
+        state = state or self.checkpoint_state
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            tensors.pop("lm_head.weight")
+        tensors["memory"] = state.stm.contiguous()
+        if state.has_ltm:
+            for l in range(state.num_layers):
+                tensors[f"ltm.{l}"], tensors[f"ltm_keys.{l}"] = state.ltm[l].contiguous(), state.ltm_keys[l].contiguous()
+                tensors[f"ltm_ages.{l}"] = state.ltm_ages[l].float()
+                tensors[f"ltm_recall_frequencies.{l}"] = state.ltm_rf[l].float()
+        save_state(tensors, folder)
+        config = {**self.config.to_dict(), **self.memory_config.to_dict(), "architectures": [type(self).__name__],
+                  "ltm_initial_size": max((x.shape[0] for x in state.ltm), default=0) if state.has_ltm else 0}
+        atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
+
+    # ----------------------------------------------------------------------------------------- checks
+
+    def _check_ids(self, ids, strip_bos: bool, what: str) -> torch.Tensor:
+        ids = prompt_tensor(ids)[0]  # [T]
+        bos = self.config.bos_token_id
+        if bos is not None and int(ids[0]) == bos:
+            if not strip_bos:
+                raise ValueError(f"the {what} starts with BOS ({bos}); M+ supplies its own BOS embedding, so encode "
+                                 "without special tokens (or pass strip_bos=True)")
+            ids = ids[1:]
+        if ids.numel() == 0:
+            raise ValueError(f"the {what} is empty")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"a token id of the {what} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return ids
+
+    def _check_state(self, state: MemoryState) -> None:
+        want = (self.config.num_hidden_layers, self.memory_config.stm_size, self.config.hidden_size)
+        if tuple(state.stm.shape) != want:
+            raise ValueError(f"this memory state has STM shape {tuple(state.stm.shape)}, the model needs {want}: "
+                             "it belongs to another model")
+        if state.has_ltm and self.memory_config.kind != "mplus":
+            raise ValueError("this state has a long-term memory, but the model is MemoryLLM (no retriever)")
+
+    # ----------------------------------------------------------------------------------------- reading
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(self.inv_freq, positions)
+
+    def _stm_kv(self, state: MemoryState, l: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values [1, H_kv, 1 + N, D] of [bos; STM] for the read adapter: the reusable part of the prefix.
+
+        They change only when the memory does, so they are kept in the state until the next update.
+        """
+        if state.stm_kv is None:
+            state.stm_kv = [None] * state.num_layers
+        if state.stm_kv[l] is None:
+            k0, n = self.memory_config.ltm_retrieved, self.memory_config.stm_size
+            positions = torch.cat((torch.zeros(1, dtype=torch.long), torch.arange(1 + k0, 1 + k0 + n)))  # [1 + N]
+            rows = torch.cat((self.bos_embedding[l], state.stm[l]))[None]  # [1, 1 + N, d]
+            state.stm_kv[l] = self.model.layers[l].prefix_kv(rows, *self._cos_sin(positions), READ)
+        return state.stm_kv[l]
+
+    def retrieve(self, state: MemoryState, l: int, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer l's LTM rows for a prompt whose layer-l inputs are layer_input [T, d]: (source, index) [r] each,
+        in feeding order (0 = LTM row, 1 = cached dropped row). Empty without an LTM."""
+        if not state.has_ltm:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        layer = self.model.layers[l]
+        queries = layer.self_attn.query_proj(layer.input_layernorm(layer_input))  # [T, d_s]
+        return select(queries, state.ltm_keys[l], state.ltm_ages[l], state.cache_keys[l], state.cache_ages[l],
+                      self.memory_config.ltm_retrieved)
+
+    def _prefill(self, state: MemoryState, ids: torch.Tensor, cache: KVCache | None, last_only: bool,
+                 record: list | None = None) -> torch.Tensor:
+        """Logits [1, T or 1, V] of ids [T] reading the memory; fills `cache` with prefix and prompt keys/values."""
+        self._check_state(state)
+        T, k0 = ids.shape[0], self.memory_config.ltm_retrieved
+        cos, sin = self._cos_sin(self.memory_config.virtual_prefix + torch.arange(T))  # [T, D] each
+        x = self.model.embed_tokens(ids)[None]  # [1, T, d]
+        n_prefix = None
+        for l, layer in enumerate(self.model.layers):
+            source, index = self.retrieve(state, l, x[0])  # [r] each
+            stm_k, stm_v = self._stm_kv(state, l)  # [1, H_kv, 1 + N, D] each
+            if source.numel():
+                pool = torch.cat((state.ltm[l], state.cache_rows[l]))  # [S + c, d]
+                rows = pool[index + source * state.ltm[l].shape[0]][None]  # [1, r, d]
+                ltm_k, ltm_v = layer.prefix_kv(rows, *self._cos_sin(torch.arange(1, 1 + source.numel())), READ)
+                prefix_kv = (torch.cat((stm_k[:, :, :1], ltm_k, stm_k[:, :, 1:]), 2),
+                             torch.cat((stm_v[:, :, :1], ltm_v, stm_v[:, :, 1:]), 2))  # [1, H_kv, 1 + r + N, D]
+            else:
+                prefix_kv = (stm_k, stm_v)
+            n_prefix = prefix_kv[0].shape[2]
+            if record is not None:
+                record.append({"layer_input": x[0], "source": source, "index": index})
+            x = layer(x, cos, sin, prefix_kv=prefix_kv, cache=cache, layer=l, adapter=READ,
+                      last_only=last_only and l == len(self.model.layers) - 1)  # [1, T, d]
+        if cache is not None:
+            cache.advance(n_prefix + T)
+        return self.lm_head(self.model.norm(x)).float()  # [1, T or 1, V]
+
+    def forward(self, state: MemoryState, input_ids, *, strip_bos: bool = False,
+                record: list | None = None) -> torch.Tensor:
+        """Logits [1, T, V] of input_ids (no BOS) reading the memory, with retrieval in M+.
+
+        record: if a list is given, one dict per layer is appended: the layer's input hidden states at the
+        tokens and the retrieved rows (source, index) in feeding order.
+        """
+        ids = self._check_ids(input_ids, strip_bos, "input")
+        with torch.no_grad():
+            return self._prefill(state, ids, None, False, record)
+
+    def generate_tokens(self, state: MemoryState, prompt_ids, *, max_new_tokens: int = 64,
+                        temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                        stop_ids=None, strip_bos: bool = False) -> Iterator[int]:
+        """Stream new tokens after prompt_ids: retrieval once from the prompt, then cached decoding."""
+        ids = self._check_ids(prompt_ids, strip_bos, "prompt")
+        T = ids.shape[0]
+        cache = KVCache(self.config, 1 + self.memory_config.ltm_retrieved + self.memory_config.stm_size + T
+                        + max(max_new_tokens, 1), dtype=self.dtype)
+        position = [self.memory_config.virtual_prefix + T]
+
+        def step(token: int) -> torch.Tensor:
+            cos, sin = self._cos_sin(torch.tensor([position[0]]))
+            position[0] += 1
+            x = self.model.embed_tokens(torch.tensor([[token]]))  # [1, 1, d]
+            for l, layer in enumerate(self.model.layers):
+                x = layer(x, cos, sin, cache=cache, layer=l, adapter=READ)
+            cache.advance(1)
+            return self.lm_head(self.model.norm(x)).float()[0, -1]  # [V]
+
+        stop = set(self.config.eos_token_id if stop_ids is None else stop_ids)
+        yield from decode_loop(lambda: self._prefill(state, ids, cache, True)[0, -1], step,
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               generator=generator, stop=stop)
+
+    def generate(self, state: MemoryState, prompt_ids, *, on_token: Callable[[int], None] | None = None,
+                 **kwargs) -> list[int]:
+        """New token ids after prompt_ids (greedy by default); keyword arguments as for generate_tokens."""
+        return collect(self.generate_tokens(state, prompt_ids, **kwargs), on_token)
+
+    # ----------------------------------------------------------------------------------------- writing
+
+    @torch.no_grad()
+    def inject(self, state: MemoryState, chunk_ids, *, generator: torch.Generator | None = None,
+               allow_short: bool = False, strip_bos: bool = False) -> torch.Tensor:
+        """Write one chunk into the memory; returns the new memory [L, K, d] (one block per layer).
+
+        generator draws the STM drops (default: the state's own). Chunks shorter than 16 tokens are refused
+        unless allow_short: the official training never injected fewer.
+        """
+        self._check_state(state)
+        ids = self._check_ids(chunk_ids, strip_bos, "chunk")
+        n, K, N = ids.shape[0], self.memory_config.num_tokens, self.memory_config.stm_size
+        if n < MIN_CHUNK and not allow_short:
+            raise ValueError(f"the chunk has {n} tokens; M+ was trained on chunks of at least {MIN_CHUNK} "
+                             "(pass allow_short=True to inject it anyway)")
+        cos, sin = self._cos_sin(torch.arange(1 + K + n))  # [1 + K + n, D]: bos 0, memory 1..K, chunk K+1..
+        p = min(1 + K, 1 + n)  # query boundary: with n < K the last K - n memory rows are queries too
+        x = self.model.embed_tokens(ids)[None]  # [1, n, d]
+        new = []
+        for l, layer in enumerate(self.model.layers):
+            seq = torch.cat((self.bos_embedding[l][None], state.stm[l, N - K:][None], x), 1)  # [1, 1 + K + n, d]
+            seq = torch.cat((seq[:, :-K], seq[:, -K:] + self.new_memory_positional_emb), 1)
+            prefix_kv = layer.prefix_kv(seq[:, :p], cos[:p], sin[:p], WRITE)
+            out = layer(seq[:, p:], cos[p:], sin[p:], prefix_kv=prefix_kv, adapter=WRITE)  # [1, max(n, K), d]
+            new.append(out[0, -K:])
+            x = out[:, -n:]
+        delta = torch.stack(new)  # [L, K, d]
+        self._write(state, delta, generator or state.generator)
+        return delta
+
+    def _write(self, state: MemoryState, delta: torch.Tensor, g: torch.Generator) -> None:
+        """Drop K random STM rows per layer (layer 0 first), append the new block, age and cache the dropped rows."""
+        K, N = self.memory_config.num_tokens, self.memory_config.stm_size
+        shared = None if self.memory_config.drop_memory_per_layer else L.draw_drop(N, K, g)
+        stm, ages, dropped = [], [], []
+        for l in range(state.num_layers):
+            kept, gone = shared or L.draw_drop(N, K, g)
+            dropped.append((state.stm[l][gone], state.stm_ages[l][gone]))
+            rows, row_ages = L.write_block(state.stm[l], state.stm_ages[l], delta[l], kept)
+            stm.append(rows), ages.append(row_ages)
+        state.stm, state.stm_ages, state.stm_kv = torch.stack(stm), torch.stack(ages), None
+        if not state.has_ltm:
+            return  # MemoryLLM: dropped rows are forgotten
+        for l, (rows, row_ages) in enumerate(dropped):
+            layer = self.model.layers[l]
+            keys = layer.self_attn.key_proj(layer.input_layernorm(rows))  # [K, d_s], computed once, kept
+            state.ltm_ages[l] = state.ltm_ages[l] + K  # every update ages what already left the STM
+            state.cache_ages[l] = torch.cat((state.cache_ages[l] + K, row_ages))
+            state.cache_rows[l] = torch.cat((state.cache_rows[l], rows))
+            state.cache_keys[l] = torch.cat((state.cache_keys[l], keys))
+        state.update_step += K
+        if state.update_step >= self.memory_config.update_ltm_frequency * K:
+            self._merge(state)
+
+    def _merge(self, state: MemoryState) -> None:
+        mem = self.memory_config
+        for l in range(state.num_layers):
+            state.ltm[l], state.ltm_keys[l], state.ltm_ages[l], state.ltm_rf[l] = L.merge(
+                state.ltm[l], state.ltm_keys[l], state.ltm_ages[l], state.ltm_rf[l],
+                state.cache_rows[l], state.cache_keys[l], state.cache_ages[l],
+                initial_rf=mem.initial_rf_when_moving_stm_to_ltm, decay=mem.decay_frequency,
+                min_rows=mem.ltm_retrieved)
+            state.cache_rows[l], state.cache_keys[l] = state.cache_rows[l][:0], state.cache_keys[l][:0]
+            state.cache_ages[l] = state.cache_ages[l][:0]
+        state.update_step = 0
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no config.json in {folder}; point at an M+ or MemoryLLM checkpoint folder")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def is_memory_checkpoint(folder: str | Path) -> bool:
+    """Whether a folder holds an M+ / MemoryLLM checkpoint (it has a `memory` tensor) rather than a plain Llama."""
+    return "memory" in checkpoint_index(Path(folder))
+

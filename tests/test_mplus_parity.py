@@ -1,0 +1,128 @@
+"""Parity with the official M+ implementation: replay the recorded call sequence of
+../shared/fixtures/official-mplus-tiny/ and compare every fixture (floats within 1e-4 in fp32; indices, sizes,
+ages, recall frequencies and generated ids exactly). The expected values are read from the fixture files."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mplus.mplus_model import MPlus
+from mplus.ltm import draw_drop
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official-mplus-tiny"
+TOL = 1e-4
+WORST = {}  # worst float difference per fixture family, printed at the end (pytest -s)
+
+
+def close(name, got, want):
+    diff = (got.double() - want.double()).abs().max().item() if want.numel() else 0.0
+    WORST[name] = max(WORST.get(name, 0.0), diff)
+    assert got.shape == want.shape, name
+    assert diff <= TOL, f"{name}: max |diff| {diff:.3g}"
+
+
+def exact(name, got, want):
+    assert torch.equal(torch.as_tensor(got).double(), want.double()), name
+
+
+@pytest.fixture(scope="module")
+def fx():
+    if not FIXTURES.is_dir():
+        pytest.fail(f"fixtures not found at {FIXTURES}")
+    files = {n: load_file(FIXTURES / f"{n}.safetensors") for n in
+             ("a_forward_initial", "a2_forward_small_ltm_cyclic", "b_injections", "c_ltm_states",
+              "d_forward_retrieval", "e_generate")}
+    return json.loads((FIXTURES / "fixtures.json").read_text()), files
+
+
+@pytest.fixture(scope="module")
+def model():
+    return MPlus.from_pretrained(FIXTURES / "checkpoint")
+
+
+def check_retrieval(record, f, prefix):
+    for l, r in enumerate(record):
+        exact(f"{prefix} layer {l} source", r["source"], f[f"{prefix}/retrieval/layer{l}/final_source"])
+        exact(f"{prefix} layer {l} index", r["index"], f[f"{prefix}/retrieval/layer{l}/final_index"])
+
+
+def check_forward(model, state, f, prefix, name):
+    rec = []
+    logits = model(state, f[f"{prefix}/input_ids"], record=rec)
+    close(f"{name} logits", logits, f[f"{prefix}/logits"])
+    for l, r in enumerate(rec):
+        close(f"{name} hidden states", r["layer_input"][None], f[f"{prefix}/hidden_states.{l}"])
+    check_retrieval(rec, f, prefix)
+
+
+def check_state(state, c, prefix):
+    close("stm", state.stm, c[f"{prefix}/memory"])
+    exact(f"{prefix} stm ages", state.stm_ages, c[f"{prefix}/memory_ages"])
+    for l in range(state.num_layers):
+        close("ltm rows", state.ltm[l], c[f"{prefix}/ltm.{l}"])
+        close("ltm keys", state.ltm_keys[l], c[f"{prefix}/ltm_keys.{l}"])
+        exact(f"{prefix} ltm ages {l}", state.ltm_ages[l], c[f"{prefix}/ltm_ages.{l}"])
+        exact(f"{prefix} ltm rf {l}", state.ltm_rf[l], c[f"{prefix}/ltm_recall_frequencies.{l}"])
+    if f"{prefix}/cached_dropped_memories" in c:
+        close("cache rows", torch.stack(state.cache_rows), c[f"{prefix}/cached_dropped_memories"])
+        close("cache keys", torch.stack(state.cache_keys), c[f"{prefix}/cached_dropped_keys"])
+        exact(f"{prefix} cache ages", torch.stack(state.cache_ages), c[f"{prefix}/cached_dropped_memory_ages"])
+    else:
+        assert all(x.shape[0] == 0 for x in state.cache_rows)
+
+
+def test_rope_frequencies(model, fx):
+    close("rope", model.inv_freq, fx[1]["a_forward_initial"]["rope_inv_freq"])
+
+
+def test_initial_forward_and_state(model, fx):
+    meta, f = fx
+    state = model.initial_state()
+    check_state(state, f["c_ltm_states"], "state0")
+    check_forward(model, state, f["a_forward_initial"], "a", "forward")
+
+
+def test_small_ltm_cyclic_fill(model, fx):
+    _, f = fx
+    state = model.initial_state()
+    for l in range(state.num_layers):  # every LTM truncated to 12 rows, as recorded
+        for field in ("ltm", "ltm_keys", "ltm_ages", "ltm_rf"):
+            getattr(state, field)[l] = getattr(state, field)[l][:12]
+    check_forward(model, state, f["a2_forward_small_ltm_cyclic"], "a2", "cyclic forward")
+
+
+def test_injections_merges_retrieval_and_generation(model, fx):
+    meta, f = fx
+    b, c, d, e = (f[k] for k in ("b_injections", "c_ltm_states", "d_forward_retrieval", "e_generate"))
+    state = model.initial_state()
+    K, N = model.memory_config.num_tokens, model.memory_config.stm_size
+    for i, seed in enumerate(meta["inject_seeds"], start=1):
+        p = f"inj{i}"
+        # The recorded seeds reproduce the recorded permutations (one randperm(N) per layer, layer 0 first).
+        g = torch.Generator().manual_seed(seed)
+        draws = [draw_drop(N, K, g) for _ in range(state.num_layers)]
+        exact(f"{p} remaining", torch.stack([k for k, _ in draws]), b[f"{p}/remaining_indices"])
+        exact(f"{p} dropped", torch.stack([x for _, x in draws]), b[f"{p}/dropped_indices"])
+        chunk = b[f"{p}/context_ids"]
+        delta = model.inject(state, chunk, generator=torch.Generator().manual_seed(seed),
+                             allow_short=chunk.shape[1] < 16)
+        close("delta memory", delta[None], b[f"{p}/delta_memory"])
+        close("stm", state.stm, b[f"{p}/memory_after"])
+        exact(f"{p} stm ages", state.stm_ages, b[f"{p}/memory_ages_after"])
+        check_state(state, c, f"after_inj{i}")
+        assert state.update_step == meta["fixtures"]["c_ltm_states"][i - 1]["update_step"]
+        check_forward(model, state, d, f"after_inj{i}", "retrieval forward")
+        if f"after_inj{i}/prompt_ids" in e:
+            prompt = e[f"after_inj{i}/prompt_ids"]
+            new = model.generate(state, prompt, max_new_tokens=8, stop_ids=())
+            exact(f"generate after {i}", torch.tensor(prompt[0].tolist() + new), e[f"after_inj{i}/sequences"][0])
+
+
+def test_report_worst_differences():
+    """Prints the worst float difference per fixture family (run with -s to see it)."""
+    print("\nworst |diff| against the official fixtures:")
+    for name, diff in sorted(WORST.items()):
+        print(f"  {name:28} {diff:.2e}")
+    assert WORST and max(WORST.values()) <= TOL
