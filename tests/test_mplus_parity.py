@@ -126,3 +126,24 @@ def test_report_worst_differences():
     for name, diff in sorted(WORST.items()):
         print(f"  {name:28} {diff:.2e}")
     assert WORST and max(WORST.values()) <= TOL
+
+
+def test_merged_read_adapter_reads_the_same(fx):
+    f = fx[1]["d_forward_retrieval"]
+    merged = MPlus.from_pretrained(FIXTURES / "checkpoint")
+    merged.merge_read_adapter()
+    plain = MPlus.from_pretrained(FIXTURES / "checkpoint")
+    ids = f["after_inj1/input_ids"]
+    assert (merged(merged.initial_state(), ids) - plain(plain.initial_state(), ids)).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="merged"):
+        merged.inject(merged.initial_state(), torch.arange(20))
+
+
+def test_document_injection_chunks_from_the_end(model):
+    state, ref = model.initial_state(), model.initial_state()
+    ids = torch.randint(0, 256, (90,), generator=torch.Generator().manual_seed(0))
+    # cut from the end: 10 + 40 + 40; the 10-token first piece (< 16) joins the next chunk: 50 + 40
+    assert model.inject_document(state, ids, chunk_size=40, progress=False) == 2
+    for piece in (ids[:50], ids[50:]):
+        model.inject(ref, piece)
+    assert torch.equal(state.stm, ref.stm)

@@ -2,10 +2,17 @@
 from .config import ConfigError, LlamaConfig, RopeScaling
 from .generate import generate, generate_tokens, sample_next
 from .kv_cache import KVCache
+from .memory_config import MemoryConfig
 from .model import Llama
+from .mplus_model import MPlus, is_memory_checkpoint
+from .state import MemoryState
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import WeightsError
 
-__all__ = ["ConfigError", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "StreamDecoder", "Tokenizer", "WeightsError",
-           "generate", "generate_tokens", "sample_next"]
+# One class serves both: the kind (M+ or MemoryLLM) is read from the checkpoint's config.json.
+MemoryLLM = MPlus
+
+__all__ = ["ConfigError", "KVCache", "Llama", "LlamaConfig", "MPlus", "MemoryConfig", "MemoryLLM", "MemoryState",
+           "RopeScaling", "StreamDecoder", "Tokenizer", "WeightsError", "generate", "generate_tokens",
+           "is_memory_checkpoint", "sample_next"]
 __version__ = "0.1.0"

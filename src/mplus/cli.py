@@ -90,12 +90,88 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": reply})
 
 
+def _load_memory_model(args: argparse.Namespace):
+    from .mplus_model import MPlus
+    from .tokenizer import Tokenizer
+    folder = Path(args.model)
+    model = MPlus.from_pretrained(folder, dtype=DTYPES[args.dtype], progress=True)
+    tokenizer = Tokenizer.from_file(args.tokenizer or folder)
+    return model, tokenizer
+
+
+def _load_state(model, path: Path, seed: int = 0):
+    from .state import MemoryState
+    return MemoryState.load(path, expect=model.state_spec()) if path.exists() else model.initial_state(seed)
+
+
+def cmd_inject(args: argparse.Namespace) -> None:
+    model, tokenizer = _load_memory_model(args)
+    state_path = Path(args.state)
+    state = _load_state(model, state_path, args.seed)
+    for text_file in args.texts:
+        ids = tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))
+        n = model.inject_document(state, ids, chunk_size=args.chunk_size)
+        print(f"{text_file}: {len(ids)} tokens in {n} chunks", file=sys.stderr)
+    state.save(state_path)
+    print(f"saved the memory to {state_path}", file=sys.stderr)
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from .tokenizer import StreamDecoder
+    model, tokenizer = _load_memory_model(args)
+    state = _load_state(model, Path(args.state))
+    if args.no_ltm:
+        state = state.without_ltm()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": args.question}]) if args.chat else args.question
+    stream = StreamDecoder(tokenizer, skip_special_tokens=True)
+    stops = tokenizer.eos_ids or set(model.config.eos_token_id)
+    for token in model.generate_tokens(state, tokenizer.encode(text), max_new_tokens=args.max_new_tokens,
+                                       temperature=args.temperature, top_p=args.top_p, stop_ids=stops,
+                                       generator=torch.Generator().manual_seed(args.seed), strip_bos=True):
+        print(stream.push(token), end="", flush=True)
+    print(stream.flush(), flush=True)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .state import MemoryState
+    if args.question and not args.model:
+        raise CliError("--question needs --model (the retriever belongs to the model)")
+    model = tokenizer = None
+    if args.model:
+        model, tokenizer = _load_memory_model(args)
+    state = MemoryState.load(args.state, expect=model.state_spec() if model else None)
+    print(state.describe())
+    if args.question:
+        record = []
+        model(state, tokenizer.encode(args.question), strip_bos=True, record=record)
+        print(f"\nretrieval for {args.question!r} (rows in feeding order, oldest first):")
+        for l, r in enumerate(record):
+            ages = [int((state.ltm_ages[l] if s == 0 else state.cache_ages[l])[i]) for s, i in
+                    zip(r["source"].tolist(), r["index"].tolist())]
+            picks = [f"{'L' if s == 0 else 'C'}{i}@{a}" for s, i, a in zip(r["source"].tolist(), r["index"].tolist(), ages)]
+            print(f"  layer {l:3}: " + (" ".join(picks[:args.show]) + (" ..." if len(picks) > args.show else "")
+                                       if picks else "(no long-term memory)"))
+        print("  (L = LTM row, C = cached dropped row; @ = age in memory tokens)")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    if args.what == "memory":
+        from .bench_memory import main as bench_memory
+        raise SystemExit(bench_memory(args.rest))
+    raise CliError("`mplus bench llama` compares against transformers, a test-only dependency: "
+                   "run `make bench` (bench/llama.py) instead")
+
+
 # ----------------------------------------------------------------------------------------------- parser
 
-def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF-layout model folder (config.json, safetensors, tokenizer.json)")
     p.add_argument("--tokenizer", help="tokenizer.json to use instead of the one in the model folder")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
+
+
+def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    _model_options(p)
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
@@ -136,6 +212,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message (default: the template's own)")
     _sampling_options(p, 256)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("inject", help="write text files into a memory state (M+ / MemoryLLM)",
+                       description="Inject each text file, chunk by chunk, into the memory saved at --state "
+                                   "(created from the model's own memory if the file does not exist yet).")
+    p.add_argument("texts", nargs="+", metavar="TEXTFILE", help="text files to inject, in order")
+    p.add_argument("--state", required=True, help="memory state file (read if present, then written atomically)")
+    p.add_argument("--chunk-size", type=int, default=512, help="tokens per injected chunk (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the memory drops of a new state (default 0)")
+    _model_options(p)
+    p.set_defaults(func=cmd_inject)
+
+    p = sub.add_parser("ask", help="answer a question from a memory state, streaming",
+                       description="Generate an answer reading the memory (M+ retrieves from its long-term memory).")
+    p.add_argument("question", help="the question text")
+    p.add_argument("--state", required=True, help="memory state file (default: the model's own memory if absent)")
+    p.add_argument("--chat", action="store_true", help="wrap the question in the tokenizer's chat template")
+    p.add_argument("--no-ltm", action="store_true", help="answer as MemoryLLM: ignore the long-term memory")
+    _sampling_options(p, 64)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("inspect", help="show what a memory state holds (and what a question would retrieve)",
+                       description="Per-layer STM and LTM sizes, age histograms and the cache; with --model and "
+                                   "--question, the LTM rows each layer would retrieve for that question.")
+    p.add_argument("state", help="memory state file")
+    p.add_argument("--model", help="the model the state belongs to (checks it fits; needed for --question)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the model folder)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--question", help="show the retrieval this question would make")
+    p.add_argument("--show", type=int, default=12, help="retrieved rows shown per layer (default 12)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="benchmarks: `mplus bench memory` (STM key/value cache, retrieval scaling)",
+                       description="Run a benchmark; options after the name go to it (e.g. `mplus bench memory --help`).")
+    p.add_argument("what", choices=["memory", "llama"], help="memory: M+ speed figures; llama: see `make bench`")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -23,6 +23,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict({a: nn.Linear(base.in_features, r, bias=False) for a in adapters})
         self.lora_B = nn.ModuleDict({a: nn.Linear(r, base.out_features, bias=False) for a in adapters})
         self.scale = alpha / r
+        self.merged: str | None = None  # the adapter folded into base_layer.weight, if any (see merge)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -30,11 +31,23 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
         y = self.base_layer(x)
-        if adapter is None:
+        if adapter is None or adapter == self.merged:
             return y
+        if self.merged is not None:
+            raise ValueError(f"adapter {self.merged!r} is merged into the weights, so {adapter!r} cannot run; "
+                             "reload the model to use both adapters")
         if adapter not in self.lora_A:
             raise ValueError(f"no LoRA adapter named {adapter!r}; this layer has {list(self.lora_A)}")
         return y + self.lora_B[adapter](self.lora_A[adapter](x)) * self.scale
+
+    def merge(self, adapter: str) -> None:
+        """Fold one adapter into the base weight: W <- W + scale B A. Equal to running the adapter up to float
+        rounding, one matmul cheaper per call; the other adapter can no longer run."""
+        if self.merged is not None:
+            raise ValueError(f"adapter {self.merged!r} is already merged")
+        with torch.no_grad():
+            self.base_layer.weight += self.delta_weight(adapter).to(self.base_layer.weight.dtype)
+        self.merged = adapter
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
         """scale * B A [out, in]: what merging `adapter` adds to the base weight."""

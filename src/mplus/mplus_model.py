@@ -127,10 +127,12 @@ class MPlus(nn.Module):
             model.new_memory_positional_emb.zero_()
         n_layers, d = config.num_hidden_layers, config.hidden_size
         stm = torch.randn(n_layers, memory.stm_size, d, generator=g).to(dtype)
-        model.checkpoint_state = model._new_state(stm, [torch.zeros(0, d, dtype=dtype)] * n_layers,
-                                                  [torch.zeros(0, memory.selector_hidden_dim, dtype=dtype)] * n_layers,
-                                                  [torch.zeros(0, dtype=torch.long)] * n_layers,
-                                                  [torch.zeros(0, dtype=torch.float64)] * n_layers)
+        if memory.kind == "mplus":  # an empty long-term memory
+            empty = [[torch.zeros(shape, dtype=t) for _ in range(n_layers)] for shape, t in
+                     (((0, d), dtype), ((0, memory.selector_hidden_dim), dtype), ((0,), torch.long), ((0,), torch.float64))]
+            model.checkpoint_state = model._new_state(stm, *empty)
+        else:
+            model.checkpoint_state = model._new_state(stm, None, None, None, None)
         return model.eval()
 
     def _state_from_checkpoint(self, folder: Path) -> MemoryState:
@@ -152,7 +154,7 @@ class MPlus(nn.Module):
 
     def _new_state(self, stm, ltm, keys, ages, rf, seed: int = 0) -> MemoryState:
         n_layers, d, d_s = stm.shape[0], stm.shape[2], self.memory_config.selector_hidden_dim
-        empty = lambda shape, dtype: None if ltm is None else [torch.zeros(shape, dtype=dtype)] * n_layers  # noqa: E731
+        empty = lambda shape, dtype: None if ltm is None else [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]  # noqa: E731
         return MemoryState(stm=stm, stm_ages=torch.zeros(stm.shape[:2], dtype=torch.long), ltm=ltm, ltm_keys=keys,
                            ltm_ages=ages, ltm_rf=rf, cache_rows=empty((0, d), stm.dtype),
                            cache_keys=empty((0, d_s), stm.dtype), cache_ages=empty((0,), torch.long),
@@ -163,6 +165,13 @@ class MPlus(nn.Module):
         state = self.checkpoint_state.copy()
         state.generator.manual_seed(seed)
         return state
+
+    def state_spec(self) -> dict:
+        """What a memory state must look like to fit this model (checked by MemoryState.load(expect=...))."""
+        mem = self.memory_config
+        return {"num_layers": self.config.num_hidden_layers, "num_stm_rows": mem.stm_size,
+                "hidden_size": self.config.hidden_size, "kind": mem.kind, "dtype": self.dtype,
+                "key_dim": mem.selector_hidden_dim if mem.kind == "mplus" else None}
 
     def save_pretrained(self, path: str | Path, state: MemoryState | None = None) -> None:
         """Write the official layout: config.json and model.safetensors with weights, `memory` and the LTM.
@@ -307,7 +316,33 @@ class MPlus(nn.Module):
         """New token ids after prompt_ids (greedy by default); keyword arguments as for generate_tokens."""
         return collect(self.generate_tokens(state, prompt_ids, **kwargs), on_token)
 
+    def merge_read_adapter(self) -> None:
+        """Fold the read adapter into the weights for a read-only model: answering gets one matmul cheaper per
+        projection and equal up to float rounding; injecting (write adapter) is refused from then on."""
+        for module in self.modules():
+            if isinstance(module, LoRALinear):
+                module.merge(READ)
+
     # ----------------------------------------------------------------------------------------- writing
+
+    def inject_document(self, state: MemoryState, ids, *, chunk_size: int = 512,
+                        generator: torch.Generator | None = None, progress: bool = True) -> int:
+        """Inject a long token sequence chunk by chunk (512 tokens, the official evaluation's choice).
+
+        Chunks are cut from the end backwards, as the official evaluation does, so only the first may be
+        short; a first piece under 16 tokens joins the next chunk. Returns the number of chunks injected.
+        """
+        from tqdm import tqdm
+        ids = self._check_ids(ids, False, "document")
+        if chunk_size < MIN_CHUNK:
+            raise ValueError(f"chunk_size must be at least {MIN_CHUNK}")
+        bounds = list(range(ids.shape[0], 0, -chunk_size))[::-1]  # chunk ends, ascending
+        starts = [max(0, end - chunk_size) for end in bounds]
+        if len(starts) > 1 and bounds[0] - starts[0] < MIN_CHUNK:
+            starts, bounds = starts[:1] + starts[2:], bounds[1:]
+        for start, end in tqdm(list(zip(starts, bounds)), desc="injecting", unit="chunk", disable=not progress):
+            self.inject(state, ids[start:end], generator=generator, allow_short=True)
+        return len(bounds)
 
     @torch.no_grad()
     def inject(self, state: MemoryState, chunk_ids, *, generator: torch.Generator | None = None,
