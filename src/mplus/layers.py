@@ -45,12 +45,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     enable_gqa does, without materialising the repeated keys.
     """
     n_q, n_k = q.shape[-2], k.shape[-2]
-    if n_q == 1:  # one query at the end of the sequence sees every key
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    if n_q == 1:  # one query at the end of the sequence sees every key: no mask
+        return decode_attend(q, k, v)
     if n_q == n_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     mask = causal_mask(n_q, n_k, q.device)  # [T, S]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per head, q [B, H, 1, D] over k, v [B, H_kv, S, D] -> [B, H, 1, D].
+
+    The query heads of a group share one matmul against their key/value head. For a single query this reads
+    the keys and values once at full bandwidth, about twice as fast here as SDPA's CPU kernel with
+    enable_gqa over a cache slice (measured at S = 8800, H = 8, H_kv = 2). Softmax in fp32.
+    """
+    B, H, _, D = q.shape
+    H_kv = k.shape[1]
+    qg = q.reshape(B, H_kv, H // H_kv, D)  # [B, H_kv, G, D]: the G query heads of each key/value head
+    scores = (qg @ k.transpose(-1, -2)) * D ** -0.5  # [B, H_kv, G, S]
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return (probs @ v).reshape(B, H, 1, D)  # [B, H, 1, D]
 
 
 class RMSNorm(nn.Module):
@@ -129,7 +144,11 @@ class MLP(nn.Module):
             gate, up = project(self.gate_proj, x, adapter), project(self.up_proj, x, adapter)  # [B, T, f] each
         else:
             gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # [B, T, f] each
-        return project(self.down_proj, F.silu(gate) * up, adapter)  # [B, T, d]
+        if torch.is_grad_enabled():
+            hidden = F.silu(gate) * up  # [B, T, f]
+        else:  # inference: reuse gate's buffer instead of allocating two more [B, T, f] tensors
+            hidden = F.silu(gate, inplace=True).mul_(up)
+        return project(self.down_proj, hidden, adapter)  # [B, T, d]
 
 
 class DecoderLayer(nn.Module):
