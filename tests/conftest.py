@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -13,6 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+# The project's reference material: ../shared beside the checkout (as in CI), or $MPLUS_SHARED.
+SHARED = Path(os.environ.get("MPLUS_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+OFFICIAL_TINY = SHARED / "fixtures" / "official-mplus-tiny"
+if not OFFICIAL_TINY.is_dir():
+    raise RuntimeError(f"the official M+ fixtures are not at {OFFICIAL_TINY}; put the shared/ folder beside the "
+                       "checkout or set MPLUS_SHARED")
 
 
 @pytest.fixture(scope="session")

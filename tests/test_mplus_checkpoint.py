@@ -2,16 +2,16 @@
 memory models as the training recipe says, and bad checkpoints are clear errors."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import OFFICIAL_TINY
 from mplus import ConfigError, MemoryConfig, MPlus, WeightsError, is_memory_checkpoint
 from tiny import tiny_llama
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official-mplus-tiny" / "checkpoint"
+FIXTURE = OFFICIAL_TINY / "checkpoint"
 SMALL_MEMORYLLM = MemoryConfig(kind="memoryllm", num_tokens=4, num_blocks=5, lora_r=2, lora_alpha=4)
 
 
@@ -85,3 +85,19 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, edit, error, message):
     save_file(tensors, tmp_path / "ckpt" / "model.safetensors")
     with pytest.raises(error, match=message):
         MPlus.from_pretrained(tmp_path / "ckpt")
+
+
+def test_a_state_that_does_not_fit_is_refused_clearly():
+    model = MPlus.from_pretrained(FIXTURE)
+    state = model.initial_state()
+    state.ltm_keys[1] = state.ltm_keys[1][:, :8]  # keys of another retriever width
+    with pytest.raises(ValueError, match="wrong width"):
+        model(state, torch.arange(3, 12))
+    state = model.initial_state()
+    state.ltm.pop()
+    with pytest.raises(ValueError, match="one entry per layer"):
+        model.inject(state, torch.arange(3, 23))
+    with pytest.raises(ValueError, match="the chunk must be a non-empty"):
+        model.inject(model.initial_state(), [])
+    with pytest.raises(ValueError, match="allow_short"):
+        model.inject_document(model.initial_state(), torch.arange(3, 10))

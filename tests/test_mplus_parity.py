@@ -2,16 +2,16 @@
 ../shared/fixtures/official-mplus-tiny/ and compare every fixture (floats within 1e-4 in fp32; indices, sizes,
 ages, recall frequencies and generated ids exactly). The expected values are read from the fixture files."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import OFFICIAL_TINY
 from mplus.mplus_model import MPlus
 from mplus.ltm import draw_drop
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official-mplus-tiny"
+FIXTURES = OFFICIAL_TINY
 TOL = 1e-4
 WORST = {}  # worst float difference per fixture family, printed at the end (pytest -s)
 

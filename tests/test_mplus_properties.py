@@ -13,20 +13,20 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from conftest import OFFICIAL_TINY
 from mplus.ltm import cyclic_candidates, draw_drop, merge, oldest_first, write_block
 from mplus.memory_config import MemoryConfig
 from mplus.mplus_model import MIN_CHUNK, MPlus
 from mplus.retriever import relevance
 from tiny import tiny_llama
 
-CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official-mplus-tiny" / "checkpoint"
+CHECKPOINT = OFFICIAL_TINY / "checkpoint"
 SLOW = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

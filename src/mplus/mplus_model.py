@@ -198,7 +198,10 @@ class MPlus(nn.Module):
     # ----------------------------------------------------------------------------------------- checks
 
     def _check_ids(self, ids, strip_bos: bool, what: str) -> torch.Tensor:
-        ids = prompt_tensor(ids)[0]  # [T]
+        try:
+            ids = prompt_tensor(ids)[0]  # [T]
+        except ValueError:
+            raise ValueError(f"the {what} must be a non-empty list of token ids (or a [T] / [1, T] tensor)") from None
         bos = self.config.bos_token_id
         if bos is not None and int(ids[0]) == bos:
             if not strip_bos:
@@ -212,12 +215,24 @@ class MPlus(nn.Module):
         return ids
 
     def _check_state(self, state: MemoryState) -> None:
-        want = (self.config.num_hidden_layers, self.memory_config.stm_size, self.config.hidden_size)
-        if tuple(state.stm.shape) != want:
-            raise ValueError(f"this memory state has STM shape {tuple(state.stm.shape)}, the model needs {want}: "
-                             "it belongs to another model")
-        if state.has_ltm and self.memory_config.kind != "mplus":
+        L, d, d_s = self.config.num_hidden_layers, self.config.hidden_size, self.memory_config.selector_hidden_dim
+        want = (L, self.memory_config.stm_size, d)
+        if tuple(state.stm.shape) != want or tuple(state.stm_ages.shape) != want[:2]:
+            raise ValueError(f"this memory state has STM shape {tuple(state.stm.shape)} (ages "
+                             f"{tuple(state.stm_ages.shape)}), the model needs {want}: it belongs to another model")
+        if not state.has_ltm:
+            return
+        if self.memory_config.kind != "mplus":
             raise ValueError("this state has a long-term memory, but the model is MemoryLLM (no retriever)")
+        lists = (state.ltm, state.ltm_keys, state.ltm_ages, state.ltm_rf, state.cache_rows, state.cache_keys,
+                 state.cache_ages)
+        if any(x is None or len(x) != L for x in lists):
+            raise ValueError(f"this state's long-term memory does not have one entry per layer ({L})")
+        for l in range(L):
+            if state.ltm[l].shape[1:] != (d,) or state.cache_rows[l].shape[1:] != (d,) \
+                    or state.ltm_keys[l].shape[1:] != (d_s,) or state.cache_keys[l].shape[1:] != (d_s,):
+                raise ValueError(f"layer {l} of this state's long-term memory has rows or keys of the wrong width "
+                                 f"(the model needs d = {d}, d_s = {d_s}): it belongs to another model")
 
     # ----------------------------------------------------------------------------------------- reading
 
@@ -252,7 +267,7 @@ class MPlus(nn.Module):
                  record: list | None = None) -> torch.Tensor:
         """Logits [1, T or 1, V] of ids [T] reading the memory; fills `cache` with prefix and prompt keys/values."""
         self._check_state(state)
-        T, k0 = ids.shape[0], self.memory_config.ltm_retrieved
+        T = ids.shape[0]
         cos, sin = self._cos_sin(self.memory_config.virtual_prefix + torch.arange(T))  # [T, D] each
         x = self.model.embed_tokens(ids)[None]  # [1, T, d]
         n_prefix = None
@@ -326,16 +341,21 @@ class MPlus(nn.Module):
     # ----------------------------------------------------------------------------------------- writing
 
     def inject_document(self, state: MemoryState, ids, *, chunk_size: int = 512,
-                        generator: torch.Generator | None = None, progress: bool = True) -> int:
+                        generator: torch.Generator | None = None, progress: bool = True,
+                        allow_short: bool = False) -> int:
         """Inject a long token sequence chunk by chunk (512 tokens, the official evaluation's choice).
 
         Chunks are cut from the end backwards, as the official evaluation does, so only the first may be
         short; a first piece under 16 tokens joins the next chunk. Returns the number of chunks injected.
+        A whole document under 16 tokens is refused unless allow_short.
         """
         from tqdm import tqdm
         ids = self._check_ids(ids, False, "document")
         if chunk_size < MIN_CHUNK:
             raise ValueError(f"chunk_size must be at least {MIN_CHUNK}")
+        if ids.shape[0] < MIN_CHUNK and not allow_short:
+            raise ValueError(f"the document has {ids.shape[0]} tokens; M+ was trained on chunks of at least "
+                             f"{MIN_CHUNK} (pass allow_short=True to inject it anyway)")
         bounds = list(range(ids.shape[0], 0, -chunk_size))[::-1]  # chunk ends, ascending
         starts = [max(0, end - chunk_size) for end in bounds]
         if len(starts) > 1 and bounds[0] - starts[0] < MIN_CHUNK:
