@@ -8,7 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import OFFICIAL_TINY
+import importlib
 from mplus.mplus_model import MPlus
+
+generate_module = importlib.import_module("mplus.generate")  # the module (mplus.generate is also a function)
 from mplus.ltm import draw_drop
 
 FIXTURES = OFFICIAL_TINY
@@ -116,8 +119,12 @@ def test_injections_merges_retrieval_and_generation(model, fx):
         check_forward(model, state, d, f"after_inj{i}", "retrieval forward")
         if f"after_inj{i}/prompt_ids" in e:
             prompt = e[f"after_inj{i}/prompt_ids"]
-            new = model.generate(state, prompt, max_new_tokens=8, stop_ids=())
+            seen = []  # the logits each new token was chosen from (prefill, then cached decode steps)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(generate_module, "sample_next", lambda logits, *a: seen.append(logits) or int(logits.argmax()))
+                new = model.generate(state, prompt, max_new_tokens=8, stop_ids=())
             exact(f"generate after {i}", torch.tensor(prompt[0].tolist() + new), e[f"after_inj{i}/sequences"][0])
+            close("generation step logits", torch.stack(seen), e[f"after_inj{i}/step_logits"])
 
 
 def test_report_worst_differences():
