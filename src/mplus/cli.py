@@ -154,6 +154,14 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print("  (L = LTM row, C = cached dropped row; @ = age in memory tokens)")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train_base import BaseTrainConfig, train
+    config = BaseTrainConfig.from_toml(args.config)
+    losses = train(config, max_steps=args.max_steps)
+    if losses:
+        print(f"steps run: {len(losses)}, last loss {losses[-1]:.3f}; output in {config.out}", file=sys.stderr)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "memory":
         from .bench_memory import main as bench_memory
@@ -242,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", help="show the retrieval this question would make")
     p.add_argument("--show", type=int, default=12, help="retrieved rows shown per layer (default 12)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train from a TOML config (so far: the tiny base model, stage = \"base\")",
+                       description="Train as a config file says; re-running the same command resumes an "
+                                   "interrupted run from its last checkpoint.")
+    p.add_argument("--config", required=True, help="TOML config, e.g. configs/base-tiny.toml")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="benchmarks: `mplus bench memory` (STM key/value cache, retrieval scaling)",
                        description="Run a benchmark; options after the name go to it (e.g. `mplus bench memory --help`).")

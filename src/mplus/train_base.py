@@ -1,0 +1,160 @@
+"""Stage 0 of the tiny-model recipe: pretrain a small Llama on the project's own fact corpus.
+
+The paper starts from a frozen, pretrained Llama-3.1; the tiny model needs a base of its own first. This
+trains one by plain next-token prediction on documents from mplus.facts (training entities only), with a
+byte-level BPE tokenizer trained on the same corpus. Every random choice is seeded; a run can be stopped
+and resumed (the model, optimiser, step and generator are checkpointed atomically) and ends where an
+uninterrupted run would.
+
+A config is a small TOML file (see configs/base-tiny.toml):
+
+    stage = "base"
+    [model]   hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size,
+              vocab_size, max_position_embeddings
+    [train]   seed, steps, batch_size, seq_len, lr, warmup, weight_decay, corpus_docs, out
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import tomllib
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .config import ConfigError, LlamaConfig, RopeScaling
+from .facts import corpus
+from .io import atomic_write_bytes
+from .model import Llama
+from .tokenizer_train import save_tokenizer, train_tokenizer
+
+EOS = 1  # tokenizer_train's <|eos|>
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseTrainConfig:
+    model: LlamaConfig
+    seed: int
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    warmup: int
+    weight_decay: float
+    corpus_docs: int
+    out: Path
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "BaseTrainConfig":
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read the training config {path}: {e}") from None
+        if raw.get("stage") != "base":
+            raise ConfigError(f"{path}: stage {raw.get('stage')!r} is not trainable yet; only stage = \"base\" "
+                              "(pretraining the tiny base model) exists so far")
+        m, t = raw.get("model", {}), raw.get("train", {})
+        try:
+            model = LlamaConfig(
+                vocab_size=m["vocab_size"], hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
+                num_hidden_layers=m["num_hidden_layers"], num_attention_heads=m["num_attention_heads"],
+                num_key_value_heads=m["num_key_value_heads"],
+                head_dim=m["hidden_size"] // m["num_attention_heads"], rms_norm_eps=1e-5,
+                rope_theta=float(m.get("rope_theta", 10000.0)), rope_scaling=RopeScaling("default"),
+                max_position_embeddings=m["max_position_embeddings"], tie_word_embeddings=True,
+                bos_token_id=0, eos_token_id=(EOS,))
+            return cls(model=model, seed=t["seed"], steps=t["steps"], batch_size=t["batch_size"],
+                       seq_len=t["seq_len"], lr=float(t["lr"]), warmup=t["warmup"],
+                       weight_decay=float(t["weight_decay"]), corpus_docs=t["corpus_docs"],
+                       out=(path.parent / t["out"]).resolve())
+        except KeyError as e:
+            raise ConfigError(f"{path} is missing the field {e.args[0]!r}") from None
+
+
+def token_stream(config: BaseTrainConfig, tokenizer) -> torch.Tensor:
+    """All corpus documents, tokenized and joined by <|eos|>: one long [n] id tensor."""
+    ids: list[int] = []
+    for doc in corpus(config.seed, config.corpus_docs):
+        ids += tokenizer.encode(doc).ids + [EOS]
+    return torch.tensor(ids)
+
+
+def lr_at(step: int, config: BaseTrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def batch(stream: torch.Tensor, config: BaseTrainConfig, g: torch.Generator) -> torch.Tensor:
+    """batch_size random windows of seq_len + 1 tokens -> [B, T + 1]."""
+    starts = torch.randint(0, stream.numel() - config.seq_len - 1, (config.batch_size,), generator=g)
+    return torch.stack([stream[s:s + config.seq_len + 1] for s in starts.tolist()])
+
+
+def init_model(config: BaseTrainConfig) -> Llama:
+    """A fresh model with every weight drawn from the run's seed (normal 0.02, norms 1)."""
+    model = Llama(config.model)
+    g = torch.Generator().manual_seed(config.seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02 if p.dim() > 1 else torch.ones(p.shape))
+    return model
+
+
+def train(config: BaseTrainConfig, *, max_steps: int | None = None, progress: bool = True) -> list[float]:
+    """Run (or resume) the base pretraining; returns the loss of every step run now.
+
+    max_steps stops early (for tests and resumable runs); the checkpoint then holds the state to go on.
+    """
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    tok_path = out / "tokenizer.json"
+    if tok_path.exists():
+        import tokenizers
+        tokenizer = tokenizers.Tokenizer.from_file(str(tok_path))
+    else:
+        tokenizer = train_tokenizer(corpus(config.seed, config.corpus_docs), vocab_size=config.model.vocab_size)
+        save_tokenizer(tokenizer, tok_path)
+    stream = token_stream(config, tokenizer)
+    model = init_model(config).train()
+    optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(config.seed + 1)
+    step = 0
+    resume = out / "train_state.pt"
+    if resume.exists():
+        saved = torch.load(resume, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optim.load_state_dict(saved["optim"])
+        g.set_state(saved["generator"])
+        step = saved["step"]
+    end = config.steps if max_steps is None else min(config.steps, step + max_steps)
+    losses = []
+    bar = tqdm(range(step, end), desc="base pretraining", initial=step, total=config.steps, disable=not progress)
+    for step in bar:
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step, config)
+        ids = batch(stream, config, g)  # [B, T + 1]
+        logits = model(ids[:, :-1])  # [B, T, V]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    _checkpoint(model, optim, g, end, resume)
+    if end == config.steps:
+        model.save_pretrained(out)
+    return losses
+
+
+def _checkpoint(model: Llama, optim, g: torch.Generator, step: int, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "generator": g.get_state(),
+                "step": step}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
