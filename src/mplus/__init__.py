@@ -4,7 +4,8 @@ from .generate import generate, generate_tokens, sample_next
 from .kv_cache import KVCache
 from .memory_config import MemoryConfig
 from .model import Llama
-from .mplus_model import MPlus, is_memory_checkpoint
+from .mplus_checkpoint import is_memory_checkpoint
+from .mplus_model import MPlus
 from .state import MemoryState
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import WeightsError

@@ -14,7 +14,6 @@ Notation: L layers, T tokens, N STM rows, K rows per update, K0 retrieved rows, 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,25 +21,18 @@ import torch
 from torch import nn
 
 from . import ltm as L
-from .config import ConfigError, LlamaConfig
+from . import mplus_checkpoint
+from .config import LlamaConfig
 from .generate import collect, decode_loop, prompt_tensor
-from .io import atomic_write_text
 from .kv_cache import KVCache
 from .lora import READ, WRITE, LoRALinear, wrap_with_lora
 from .memory_config import MemoryConfig
 from .model import Decoder
-from .packing import materialize
 from .retriever import projector, select
 from .rope import inv_freq_for, rope_cos_sin
 from .state import MemoryState
-from .weights import checkpoint_index, load_state_into, read_tensors, save_state
 
 MIN_CHUNK = 16  # the shortest chunk the official training ever injected
-STATE_KEYS = ("memory", "initialized", "ltm.", "ltm_keys.", "ltm_ages.", "ltm_recall_frequencies.")
-
-
-def _is_state_key(name: str) -> bool:
-    return name in STATE_KEYS[:2] or name.startswith(STATE_KEYS[2:])
 
 
 class MPlus(nn.Module):
@@ -81,19 +73,7 @@ class MPlus(nn.Module):
         rope_bf16: round the RoPE inverse frequencies to bf16, as the official bf16 README path does by
         casting the model twice (spec 9.1); needed for bit-parity with the released models run that way.
         """
-        folder = Path(path)
-        raw = _read_config(folder)
-        config, memory = LlamaConfig.from_dict(raw), MemoryConfig.from_dict(raw)
-        with torch.device("meta"):
-            model = cls(config, memory)
-        materialize(model, dtype)
-        tied = config.tie_word_embeddings
-        load_state_into(model, folder, progress=progress, optional=("lm_head.weight",) if tied else (),
-                        rename=lambda n: None if _is_state_key(n) or (tied and n == "lm_head.weight") else n)
-        model.checkpoint_state = model._state_from_checkpoint(folder)
-        if rope_bf16:
-            model.inv_freq = model.inv_freq.bfloat16().float()
-        return model.eval()
+        return mplus_checkpoint.load(cls, path, dtype, progress, rope_bf16)
 
     @classmethod
     def from_llama(cls, path: str | Path, memory: MemoryConfig, *, seed: int = 0,
@@ -101,64 +81,7 @@ class MPlus(nn.Module):
         """A new M+ / MemoryLLM around a plain Llama checkpoint, initialised as the official training recipe:
         memory ~ N(0, 1); bos_embedding[l] = embedding of BOS; new_memory_positional_emb = 0; LoRA A
         Kaiming-uniform, B = 0; retriever weights ~ N(0, 0.02); empty LTM."""
-        folder = Path(path)
-        config = LlamaConfig.from_file(folder)
-        if config.bos_token_id is None:
-            raise ConfigError("the Llama config has no bos_token_id; the memory's BOS embedding starts from it")
-        with torch.device("meta"):
-            model = cls(config, memory)
-        materialize(model, dtype)
-        base = {n.replace(".base_layer.", "."): n for n, _ in model.named_parameters() if ".base_layer." in n}
-        fresh = [n for n, _ in model.named_parameters() if ".lora_" in n or "_proj.0." in n or "_proj.2." in n
-                 or n in ("bos_embedding", "new_memory_positional_emb")]
-        load_state_into(model, folder, rename=lambda n: base.get(n, n),
-                        optional=fresh + (["lm_head.weight"] if config.tie_word_embeddings else []))
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, LoRALinear):
-                    module.reset_adapter(WRITE, g), module.reset_adapter(READ, g)
-            for layer in model.model.layers:
-                for name in ("query_proj", "key_proj", "encoder_query_proj"):
-                    for linear in getattr(layer.self_attn, name, ()):
-                        if isinstance(linear, nn.Linear):
-                            linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) * 0.02)
-            model.bos_embedding.copy_(model.model.embed_tokens.weight[config.bos_token_id].expand_as(model.bos_embedding))
-            model.new_memory_positional_emb.zero_()
-        n_layers, d = config.num_hidden_layers, config.hidden_size
-        stm = torch.randn(n_layers, memory.stm_size, d, generator=g).to(dtype)
-        if memory.kind == "mplus":  # an empty long-term memory
-            empty = [[torch.zeros(shape, dtype=t) for _ in range(n_layers)] for shape, t in
-                     (((0, d), dtype), ((0, memory.selector_hidden_dim), dtype), ((0,), torch.long), ((0,), torch.float64))]
-            model.checkpoint_state = model._new_state(stm, *empty)
-        else:
-            model.checkpoint_state = model._new_state(stm, None, None, None, None)
-        return model.eval()
-
-    def _state_from_checkpoint(self, folder: Path) -> MemoryState:
-        n_layers, mem = self.config.num_hidden_layers, self.memory_config
-        names = ["memory"] + ([f"{k}.{l}" for k in ("ltm", "ltm_keys", "ltm_ages", "ltm_recall_frequencies")
-                               for l in range(n_layers)] if mem.kind == "mplus" else [])
-        t = read_tensors(folder, names)
-        stm = t["memory"]
-        if tuple(stm.shape) != (n_layers, mem.stm_size, self.config.hidden_size):
-            raise ConfigError(f"'memory' has shape {tuple(stm.shape)}, the config implies "
-                              f"{(n_layers, mem.stm_size, self.config.hidden_size)}")
-        if mem.kind != "mplus":
-            return self._new_state(stm.to(self.dtype), None, None, None, None)
-        per = lambda k: [t[f"{k}.{l}"] for l in range(n_layers)]  # noqa: E731
-        return self._new_state(stm.to(self.dtype), [x.to(self.dtype) for x in per("ltm")],
-                               [x.to(self.dtype) for x in per("ltm_keys")],
-                               [x.float().long() for x in per("ltm_ages")],  # truncated, as the official loader
-                               [x.double() for x in per("ltm_recall_frequencies")])
-
-    def _new_state(self, stm, ltm, keys, ages, rf, seed: int = 0) -> MemoryState:
-        n_layers, d, d_s = stm.shape[0], stm.shape[2], self.memory_config.selector_hidden_dim
-        empty = lambda shape, dtype: None if ltm is None else [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]  # noqa: E731
-        return MemoryState(stm=stm, stm_ages=torch.zeros(stm.shape[:2], dtype=torch.long), ltm=ltm, ltm_keys=keys,
-                           ltm_ages=ages, ltm_rf=rf, cache_rows=empty((0, d), stm.dtype),
-                           cache_keys=empty((0, d_s), stm.dtype), cache_ages=empty((0,), torch.long),
-                           update_step=0, generator=torch.Generator().manual_seed(seed))
+        return mplus_checkpoint.from_llama(cls, path, memory, seed, dtype)
 
     def initial_state(self, seed: int = 0) -> MemoryState:
         """A copy of the memory stored with the weights; `seed` seeds the generator of its STM drops."""
@@ -178,22 +101,7 @@ class MPlus(nn.Module):
 
         The layout has no place for STM ages, the dropped-row cache or the generator: state.save() keeps those.
         """
-        state = state or self.checkpoint_state
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            tensors.pop("lm_head.weight")
-        tensors["memory"] = state.stm.contiguous()
-        if state.has_ltm:
-            for l in range(state.num_layers):
-                tensors[f"ltm.{l}"], tensors[f"ltm_keys.{l}"] = state.ltm[l].contiguous(), state.ltm_keys[l].contiguous()
-                tensors[f"ltm_ages.{l}"] = state.ltm_ages[l].float()
-                tensors[f"ltm_recall_frequencies.{l}"] = state.ltm_rf[l].float()
-        save_state(tensors, folder)
-        config = {**self.config.to_dict(), **self.memory_config.to_dict(), "architectures": [type(self).__name__],
-                  "ltm_initial_size": max((x.shape[0] for x in state.ltm), default=0) if state.has_ltm else 0}
-        atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
+        mplus_checkpoint.save(self, path, state or self.checkpoint_state)
 
     # ----------------------------------------------------------------------------------------- checks
 
@@ -428,19 +336,3 @@ class MPlus(nn.Module):
             state.cache_rows[l], state.cache_keys[l] = state.cache_rows[l][:0], state.cache_keys[l][:0]
             state.cache_ages[l] = state.cache_ages[l][:0]
         state.update_step = 0
-
-
-def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"no config.json in {folder}; point at an M+ or MemoryLLM checkpoint folder")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-
-
-def is_memory_checkpoint(folder: str | Path) -> bool:
-    """Whether a folder holds an M+ / MemoryLLM checkpoint (it has a `memory` tensor) rather than a plain Llama."""
-    return "memory" in checkpoint_index(Path(folder))
-
