@@ -282,24 +282,33 @@ class MPlus(nn.Module):
         """
         self._check_state(state)
         ids = self._check_ids(chunk_ids, strip_bos, "chunk")
+        if ids.shape[0] < MIN_CHUNK and not allow_short:
+            raise ValueError(f"the chunk has {ids.shape[0]} tokens; M+ was trained on chunks of at least "
+                             f"{MIN_CHUNK} (pass allow_short=True to inject it anyway)")
+        delta = self.encode(state.stm, ids)
+        self._write(state, delta, generator or state.generator)
+        return delta
+
+    def encode(self, stm: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The new memory block [L, K, d] that chunk ids [n] writes, given the STM [L, N, d] it follows.
+
+        Per layer the prefix is [bos, the last K STM rows], the write adapter is active, and the positional
+        embedding of new memory is added to the last K positions. Differentiable: training backpropagates
+        through it into the write adapter and the two embeddings.
+        """
         n, K, N = ids.shape[0], self.memory_config.num_tokens, self.memory_config.stm_size
-        if n < MIN_CHUNK and not allow_short:
-            raise ValueError(f"the chunk has {n} tokens; M+ was trained on chunks of at least {MIN_CHUNK} "
-                             "(pass allow_short=True to inject it anyway)")
         cos, sin = self._cos_sin(torch.arange(1 + K + n))  # [1 + K + n, D]: bos 0, memory 1..K, chunk K+1..
         p = min(1 + K, 1 + n)  # query boundary: with n < K the last K - n memory rows are queries too
         x = self.model.embed_tokens(ids)[None]  # [1, n, d]
         new = []
         for l, layer in enumerate(self.model.layers):
-            seq = torch.cat((self.bos_embedding[l][None], state.stm[l, N - K:][None], x), 1)  # [1, 1 + K + n, d]
+            seq = torch.cat((self.bos_embedding[l][None], stm[l, N - K:][None], x), 1)  # [1, 1 + K + n, d]
             seq = torch.cat((seq[:, :-K], seq[:, -K:] + self.new_memory_positional_emb), 1)
             prefix_kv = layer.prefix_kv(seq[:, :p], cos[:p], sin[:p], WRITE)
             out = layer(seq[:, p:], cos[p:], sin[p:], prefix_kv=prefix_kv, adapter=WRITE)  # [1, max(n, K), d]
             new.append(out[0, -K:])
             x = out[:, -n:]
-        delta = torch.stack(new)  # [L, K, d]
-        self._write(state, delta, generator or state.generator)
-        return delta
+        return torch.stack(new)  # [L, K, d]
 
     def _write(self, state: MemoryState, delta: torch.Tensor, g: torch.Generator) -> None:
         """Drop K random STM rows per layer (layer 0 first), append the new block, age and cache the dropped rows."""
