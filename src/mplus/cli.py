@@ -155,8 +155,18 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train_base import BaseTrainConfig, train
-    config = BaseTrainConfig.from_toml(args.config)
+    import tomllib
+    try:
+        stage = tomllib.loads(Path(args.config).read_text(encoding="utf-8")).get("stage")
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise CliError(f"cannot read {args.config}: {e}") from None
+    if stage == "base":
+        from .train_base import BaseTrainConfig as Config, train
+    elif stage == "memory1":
+        from .train_stage1 import Stage1Config as Config, train
+    else:
+        raise CliError(f"{args.config}: unknown stage {stage!r}; so far there are \"base\" and \"memory1\"")
+    config = Config.from_toml(args.config)
     losses = train(config, max_steps=args.max_steps)
     if losses:
         print(f"steps run: {len(losses)}, last loss {losses[-1]:.3f}; output in {config.out}", file=sys.stderr)
@@ -251,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=12, help="retrieved rows shown per layer (default 12)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("train", help="train from a TOML config (so far: the tiny base model, stage = \"base\")",
+    p = sub.add_parser("train", help="train from a TOML config (stages so far: \"base\", \"memory1\")",
                        description="Train as a config file says; re-running the same command resumes an "
                                    "interrupted run from its last checkpoint.")
     p.add_argument("--config", required=True, help="TOML config, e.g. configs/base-tiny.toml")

@@ -286,7 +286,7 @@ class MPlus(nn.Module):
             raise ValueError(f"the chunk has {ids.shape[0]} tokens; M+ was trained on chunks of at least "
                              f"{MIN_CHUNK} (pass allow_short=True to inject it anyway)")
         delta = self.encode(state.stm, ids)
-        self._write(state, delta, generator or state.generator)
+        self.write(state, delta, generator or state.generator)
         return delta
 
     def encode(self, stm: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -310,7 +310,8 @@ class MPlus(nn.Module):
             x = out[:, -n:]
         return torch.stack(new)  # [L, K, d]
 
-    def _write(self, state: MemoryState, delta: torch.Tensor, g: torch.Generator) -> None:
+    @torch.no_grad()
+    def write(self, state: MemoryState, delta: torch.Tensor, g: torch.Generator) -> None:
         """Drop K random STM rows per layer (layer 0 first), append the new block, age and cache the dropped rows."""
         K, N = self.memory_config.num_tokens, self.memory_config.stm_size
         shared = None if self.memory_config.drop_memory_per_layer else L.draw_drop(N, K, g)

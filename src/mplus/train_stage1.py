@@ -1,0 +1,123 @@
+"""Stage 1 on the project's fact task: write a paragraph holding one fact into memory, answer a question on it.
+
+The base model (stage 0, train_base.py) is wrapped as an M+ model (MPlus.from_llama: LoRA B = 0, so it starts
+as the base model) and trained with train_memory.stage1_loss on the short-term memory alone; the LTM and
+the retriever come in later stages. After every step the new block is written into the STM (detached), so
+the memory evolves as at inference. Seeded and resumable like the base stage.
+
+Config (TOML, see configs/stage1-tiny.toml):
+
+    stage = "memory1"
+    [memory]  num_tokens, num_blocks, num_ltm_blocks, selector_hidden_dim, update_ltm_frequency, lora_r, lora_alpha
+    [train]   base, seed, steps, lr, fresh_ratio, filler_words, out
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+import tomllib
+from pathlib import Path
+
+import tokenizers
+import torch
+from tqdm import tqdm
+
+from .config import ConfigError
+from .facts import distractor_chunk, qa_prompt, recall_episode
+from .io import atomic_write_bytes
+from .memory_config import MemoryConfig
+from .mplus_model import MPlus
+from .train_memory import stage1_loss, trainable_parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage1Config:
+    memory: MemoryConfig
+    base: Path
+    seed: int
+    steps: int
+    lr: float
+    fresh_ratio: float
+    filler_words: int
+    out: Path
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Stage1Config":
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read the training config {path}: {e}") from None
+        if raw.get("stage") != "memory1":
+            raise ConfigError(f"{path} is not a stage-1 config (stage = \"memory1\")")
+        m, t = raw.get("memory", {}), raw.get("train", {})
+        try:
+            memory = MemoryConfig(kind="mplus", num_tokens=m["num_tokens"], num_blocks=m["num_blocks"],
+                                  num_ltm_blocks=m["num_ltm_blocks"], selector_hidden_dim=m["selector_hidden_dim"],
+                                  update_ltm_frequency=m["update_ltm_frequency"], lora_r=m["lora_r"],
+                                  lora_alpha=float(m["lora_alpha"]))
+            return cls(memory=memory, base=(path.parent / t["base"]).resolve(), seed=t["seed"], steps=t["steps"],
+                       lr=float(t["lr"]), fresh_ratio=float(t["fresh_ratio"]), filler_words=t["filler_words"],
+                       out=(path.parent / t["out"]).resolve())
+        except KeyError as e:
+            raise ConfigError(f"{path} is missing the field {e.args[0]!r}") from None
+
+
+def fact_example(rng: random.Random, tokenizer: tokenizers.Tokenizer, filler_words: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chunk [n], sentence [T], targets [T] bool): a paragraph with one fact, and its question + answer."""
+    ep = recall_episode(rng, "train", 0)
+    half = filler_words // 2
+    paragraph = " ".join(x for x in (distractor_chunk(rng, half), ep["fact"], distractor_chunk(rng, half)) if x)
+    question = tokenizer.encode(qa_prompt(ep["question"])).ids
+    answer = tokenizer.encode(" " + ep["answer"]).ids
+    targets = torch.tensor([False] * len(question) + [True] * len(answer))
+    return torch.tensor(tokenizer.encode(paragraph).ids), torch.tensor(question + answer), targets
+
+
+def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool = True) -> list[float]:
+    """Run (or resume) stage 1; returns the losses of the steps run now. Writes an official-layout M+ folder."""
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizers.Tokenizer.from_file(str(config.base / "tokenizer.json"))
+    model = MPlus.from_llama(config.base, config.memory, seed=config.seed)
+    params = trainable_parameters(model)
+    optim = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    state = model.initial_state(seed=config.seed).without_ltm()
+    rng, g, step = random.Random(config.seed), torch.Generator().manual_seed(config.seed + 1), 0
+    resume = out / "train_state.pt"
+    if resume.exists():
+        saved = torch.load(resume, weights_only=False)
+        with torch.no_grad():
+            for p, value in zip(params, saved["params"]):
+                p.copy_(value)
+        optim.load_state_dict(saved["optim"])
+        rng.setstate(saved["rng"])
+        g.set_state(saved["generator"])
+        state.generator.set_state(saved["drops"])
+        state.stm, state.stm_ages, step = saved["stm"], saved["stm_ages"], saved["step"]
+    end = config.steps if max_steps is None else min(config.steps, step + max_steps)
+    losses = []
+    bar = tqdm(range(step, end), desc="stage 1", initial=step, total=config.steps, disable=not progress)
+    for step in bar:
+        chunk, sentence, targets = fact_example(rng, tokenizer, config.filler_words)
+        loss, delta = stage1_loss(model, state.stm, chunk, sentence, targets,
+                                  fresh_only=rng.random() < config.fresh_ratio, g=g)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        model.write(state, delta.detach(), state.generator)  # the memory evolves as at inference
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "optim": optim.state_dict(), "rng": rng.getstate(),
+                "generator": g.get_state(), "drops": state.generator.get_state(), "stm": state.stm,
+                "stm_ages": state.stm_ages, "step": end}, buffer)
+    atomic_write_bytes(resume, buffer.getvalue())
+    if end == config.steps:
+        model.checkpoint_state.stm = state.stm.detach().clone()
+        model.save_pretrained(out)
+        (out / "tokenizer.json").write_bytes((config.base / "tokenizer.json").read_bytes())
+    return losses
