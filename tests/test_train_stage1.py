@@ -2,30 +2,10 @@
 import torch
 
 from mplus.train_base import BaseTrainConfig
+from test_train_base import CONFIG as BASE
 from mplus.train_base import train as train_base
 from mplus.train_stage1 import Stage1Config, train
 
-BASE = """
-stage = "base"
-[model]
-vocab_size = 512
-hidden_size = 64
-num_hidden_layers = 2
-num_attention_heads = 4
-num_key_value_heads = 2
-intermediate_size = 128
-max_position_embeddings = 1024
-[train]
-seed = 1
-steps = 30
-batch_size = 8
-seq_len = 64
-lr = 3e-3
-warmup = 5
-weight_decay = 0.1
-corpus_docs = 150
-out = "base"
-"""
 STAGE1 = """
 stage = "memory1"
 [memory]
@@ -48,7 +28,7 @@ out = "{out}"
 
 
 def test_stage1_runs_learns_and_resumes(tmp_path):
-    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "base.toml").write_text(BASE.replace('out = "run"', 'out = "base"'))
     train_base(BaseTrainConfig.from_toml(tmp_path / "base.toml"), progress=False)
     for name in ("once", "twice"):
         (tmp_path / f"{name}.toml").write_text(STAGE1.format(out=name))

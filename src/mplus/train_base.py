@@ -33,6 +33,17 @@ from .tokenizer_train import save_tokenizer, train_tokenizer
 EOS = 1  # tokenizer_train's <|eos|>
 
 
+def read_stage_config(path: Path, stage: str) -> dict:
+    """The TOML document of a training config, which must declare `stage = "<stage>"`."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read the training config {path}: {e}") from None
+    if raw.get("stage") != stage:
+        raise ConfigError(f"{path} declares stage {raw.get('stage')!r}; this trainer runs stage = \"{stage}\"")
+    return raw
+
+
 @dataclasses.dataclass(frozen=True)
 class BaseTrainConfig:
     model: LlamaConfig
@@ -49,13 +60,7 @@ class BaseTrainConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> "BaseTrainConfig":
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"cannot read the training config {path}: {e}") from None
-        if raw.get("stage") != "base":
-            raise ConfigError(f"{path}: stage {raw.get('stage')!r} is not trainable yet; only stage = \"base\" "
-                              "(pretraining the tiny base model) exists so far")
+        raw = read_stage_config(path, "base")
         m, t = raw.get("model", {}), raw.get("train", {})
         try:
             model = LlamaConfig(

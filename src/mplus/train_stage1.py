@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import random
-import tomllib
 from pathlib import Path
 
 import tokenizers
@@ -28,6 +27,7 @@ from .facts import distractor_chunk, qa_prompt, recall_episode
 from .io import atomic_write_bytes
 from .memory_config import MemoryConfig
 from .mplus_model import MPlus
+from .train_base import read_stage_config
 from .train_memory import stage1_loss, trainable_parameters
 
 
@@ -45,12 +45,7 @@ class Stage1Config:
     @classmethod
     def from_toml(cls, path: str | Path) -> "Stage1Config":
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"cannot read the training config {path}: {e}") from None
-        if raw.get("stage") != "memory1":
-            raise ConfigError(f"{path} is not a stage-1 config (stage = \"memory1\")")
+        raw = read_stage_config(path, "memory1")
         m, t = raw.get("memory", {}), raw.get("train", {})
         try:
             memory = MemoryConfig(kind="mplus", num_tokens=m["num_tokens"], num_blocks=m["num_blocks"],
