@@ -90,25 +90,23 @@ def read_tensor(f, info: dict, data_start: int, dest: torch.Tensor | None = None
     return t
 
 
-def checkpoint_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> file holding it, from the index if there is one."""
-    index, single = folder / INDEX_FILE, folder / SINGLE_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise WeightsError(f"{index} is not a valid safetensors index (needs a 'weight_map' object)") from None
-        return {name: folder / file for name, file in weight_map.items()}
-    if single.is_file():
-        header, _ = read_header(single)
-        return {name: single for name in header}
-    raise WeightsError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
-
-
 def checkpoint_index(folder: Path) -> dict[str, tuple[Path, dict, int]]:
-    """Tensor name -> (file, header entry, data start) for every tensor of a checkpoint folder."""
-    where = checkpoint_files(folder)
-    headers = {path: read_header(path) for path in set(where.values())}
+    """Tensor name -> (file, header entry, data start) for every tensor of a checkpoint folder, driven by
+    model.safetensors.index.json when there is one (a layer's tensors may then sit in two shards)."""
+    index_file, single = folder / INDEX_FILE, folder / SINGLE_FILE
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise WeightsError(f"{index_file} is not a valid safetensors index (needs a 'weight_map' object)") from None
+        where = {name: folder / file for name, file in weight_map.items()}
+    elif single.is_file():
+        where = None  # every tensor of the one file
+    else:
+        raise WeightsError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
+    headers = {path: read_header(path) for path in (set(where.values()) if where else {single})}
+    if where is None:
+        where = {name: single for name in headers[single][0]}
     index = {}
     for name, path in where.items():
         header, data_start = headers[path]
