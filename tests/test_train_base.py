@@ -52,3 +52,17 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     one = torch.load(tmp_path / "once" / "run" / "train_state.pt", weights_only=False)["model"]
     two = torch.load(tmp_path / "twice" / "run" / "train_state.pt", weights_only=False)["model"]
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_answer_weight_marks_exactly_the_answer_tokens(tmp_path):
+    import dataclasses
+
+    from mplus.facts import corpus
+    from mplus.tokenizer_train import train_tokenizer
+    from mplus.train_base import token_stream
+    config = dataclasses.replace(config_in(tmp_path), corpus_docs=5, answer_weight=7.0)
+    tokenizer = train_tokenizer(corpus(config.seed, 50), vocab_size=512)
+    ids, weights = token_stream(config, tokenizer)
+    marked = tokenizer.decode(ids[weights == 7.0].tolist())
+    answers = [line[2:] for doc in corpus(config.seed, 5) for line in doc.split("\n") if line.startswith("A: ")]
+    assert marked == "".join(answers) and set(weights.tolist()) == {1.0, 7.0}

@@ -17,9 +17,14 @@ accuracy is "the answer is contained in the output").
 Text format of a corpus document (documents are separated by the tokenizer's <|eos|>, added by the caller):
     <story: fact sentences with filler sentences between them, one paragraph>
     Q: <question>
-    A: <answer>
+    A: <reply>
     ... (one Q/A pair per line pair, each about a fact stated in the story)
-A question is asked as qa_prompt(question) = "Q: <question>\\nA:" and the answer follows after one space.
+A question is asked as qa_prompt(question) = "Q: <question>\\nA:" and the reply follows after one space. The
+reply is the fact sentence from the person's name on ("Where does Talvori Quen live?" -> "Talvori Quen lives
+in Brastow."): it contains the answer, and it lets a small model answer by copying what followed the name,
+the induction-style copy that small transformers learn in a few hundred steps. A bare answer word needs a
+two-hop lookup (name, then value) that a tiny model did not learn within a CPU budget (measured: after 400
+base steps its answer loss was the same with the right story as with another document's story).
 """
 from __future__ import annotations
 
@@ -184,6 +189,19 @@ def distractor_chunk(rng: random.Random, n_words: int) -> str:
     return " ".join(sentences)
 
 
+def fact_paragraph(rng: random.Random, fact: str, filler_words: int) -> str:
+    """The chunk that writes a fact into memory: filler_words of filler, then the fact sentence.
+
+    The fact comes last because a chunk's new memory rows are the hidden states of its last K tokens (spec 3.2):
+    a tiny model cannot learn, on a CPU budget, to move a fact from the middle of a chunk into them."""
+    return " ".join(x for x in (distractor_chunk(rng, filler_words), fact) if x)
+
+
+def reply(fact: str, name: str) -> str:
+    """The answer as the model is taught to say it: the fact sentence from the name on."""
+    return fact[fact.index(name):]
+
+
 def qa_text(question: str, answer: str) -> str:
     return f"{qa_prompt(question)} {answer}"
 
@@ -196,13 +214,13 @@ def qa_prompt(question: str) -> str:
 def recall_episode(rng: random.Random, split: str, n_distractor_chunks: int, chunk_words: int = 100) -> dict:
     """One retention trial: a fact about a fresh person of `split`, filler chunks, then the question.
 
-    Returns dict(fact, distractors, question, answer, name, relation)."""
+    Returns dict(fact, distractors, question, answer, reply, name, relation); answer is the value alone."""
     entity = make_entity(rng, draw_name(rng, split))
     relation = rng.choice(RELATIONS)
     fact, question, answer = fact_example(rng, entity, relation)
     distractors = [distractor_chunk(rng, chunk_words) for _ in range(n_distractor_chunks)]
-    return dict(fact=fact, distractors=distractors, question=question, answer=answer, name=entity.name,
-                relation=relation)
+    return dict(fact=fact, distractors=distractors, question=question, answer=answer,
+                reply=reply(fact, entity.name), name=entity.name, relation=relation)
 
 
 def episode_set(seed: int, split: str, n_episodes: int, n_distractor_chunks: int,
@@ -217,19 +235,28 @@ def fresh_test_set(seed: int, n_episodes: int = 200, n_distractor_chunks: int = 
     return episode_set(seed, "test", n_episodes, n_distractor_chunks, chunk_words)
 
 
-def document(rng: random.Random, max_gap_words: int = 40) -> str:
-    """One training document: 1-3 train people, 1-3 facts each in a story with filler between the facts, then
-    questions on a random non-empty subset of those facts."""
-    entities = [make_entity(rng, draw_name(rng, "train")) for _ in range(rng.randint(1, 3))]
-    facts = [(e, r) for e in entities for r in rng.sample(RELATIONS, rng.randint(1, 3))]
+def document(rng: random.Random, repeat_ratio: float = 0.3) -> str:
+    """One training document: 2-5 train people, 1-2 facts each in a story, then questions on every fact in
+    random order; or, with probability repeat_ratio, the story followed by "Repeat:" and the story again (the
+    recipe's repeat task, here in pretraining: repeated passages grow the induction heads that copying needs,
+    measured to form within a few hundred steps on repeats alone). Half the stories have no filler between the facts, the rest up to 8 words per gap: dense in
+    questions, so that a small model learns to copy a fact from context (the skill the memory stages build
+    on) within minutes of pretraining; filler-free stories make copying the only way to lower the loss."""
+    max_gap_words = rng.choice((0, 0, 4, 8))
+    entities = [make_entity(rng, draw_name(rng, "train")) for _ in range(rng.randint(2, 5))]
+    facts = [(e, r) for e in entities for r in rng.sample(RELATIONS, rng.randint(1, 2))]
     rng.shuffle(facts)
-    examples = [fact_example(rng, e, r) for e, r in facts]
+    examples = [(fact, question, reply(fact, e.name))
+                for (e, r) in facts for fact, question, _ in [fact_example(rng, e, r)]]
     story = []
     for fact, _, _ in examples:
         story += [distractor_chunk(rng, rng.randint(0, max_gap_words)), fact]
     story.append(distractor_chunk(rng, rng.randint(0, max_gap_words)))
-    asked = rng.sample(examples, rng.randint(1, len(examples)))
-    return "\n".join([" ".join(s for s in story if s), *(qa_text(q, a) for _, q, a in asked)])
+    asked = rng.sample(examples, len(examples))
+    text = " ".join(s for s in story if s)
+    if rng.random() < repeat_ratio:  # a repeated passage: teaches the copying that answering is made of
+        return f"{text}\nRepeat: {text}"
+    return "\n".join([text, *(qa_text(q, a) for _, q, a in asked)])
 
 
 def corpus(seed: int, n_docs: int) -> Iterator[str]:
