@@ -63,3 +63,12 @@ def oldest_first(ages: torch.Tensor) -> torch.Tensor:
     whose tie order depends on the CPU; the fixtures pin this stable rule.
     """
     return torch.sort(ages, stable=True).indices.flip(0)
+
+
+def copies_of(rows: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """[S] bool: which rows [S, d] are copies of a row of the written block [K, d].
+
+    Rows are moved, never changed, from the write through the STM and the cache into the LTM, so exact
+    equality finds where a chunk's memory went without any bookkeeping (training labels, benchmark recall).
+    """
+    return (rows[:, None] == block[None]).all(-1).any(-1)

@@ -172,15 +172,19 @@ class MPlus(nn.Module):
                       self.memory_config.ltm_retrieved)
 
     def _prefill(self, state: MemoryState, ids: torch.Tensor, cache: KVCache | None, last_only: bool,
-                 record: list | None = None) -> torch.Tensor:
-        """Logits [1, T or 1, V] of ids [T] reading the memory; fills `cache` with prefix and prompt keys/values."""
+                 record: list | None = None, query_len: int | None = None) -> torch.Tensor:
+        """Logits [1, T or 1, V] of ids [T] reading the memory; fills `cache` with prefix and prompt keys/values.
+
+        query_len: retrieve with the first query_len tokens only (training feeds question + answer and must
+        retrieve with the question alone, as generation does). Differentiable when called with grad enabled.
+        """
         self._check_state(state)
         T = ids.shape[0]
         cos, sin = self._cos_sin(self.memory_config.virtual_prefix + torch.arange(T))  # [T, D] each
         x = self.model.embed_tokens(ids)[None]  # [1, T, d]
         n_prefix = None
         for l, layer in enumerate(self.model.layers):
-            source, index = self.retrieve(state, l, x[0])  # [r] each
+            source, index = self.retrieve(state, l, x[0, :query_len])  # [r] each
             stm_k, stm_v = self._stm_kv(state, l)  # [1, H_kv, 1 + N, D] each
             if source.numel():
                 pool = torch.cat((state.ltm[l], state.cache_rows[l]))  # [S + c, d]

@@ -8,8 +8,9 @@ the memory evolves as at inference. Seeded and resumable like the base stage.
 Config (TOML, see configs/stage1-tiny.toml):
 
     stage = "memory1"
-    [memory]  num_tokens, num_blocks, num_ltm_blocks, selector_hidden_dim, update_ltm_frequency, lora_r, lora_alpha
-    [train]   base, seed, steps, lr, fresh_ratio, filler_words, out
+    [memory]  num_tokens, num_blocks, num_ltm_blocks, selector_hidden_dim, update_ltm_frequency, lora_r, lora_alpha,
+              initial_rf_when_moving_stm_to_ltm (optional, default 10)
+    [train]   base, seed, steps, lr, fresh_ratio, filler_words, out, repeat_ratio (optional, default 0.1)
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .config import ConfigError
-from .facts import distractor_chunk, qa_prompt, recall_episode
+from .facts import fact_paragraph, qa_prompt, recall_episode
 from .io import atomic_write_bytes
 from .memory_config import MemoryConfig
 from .mplus_model import MPlus
@@ -41,6 +42,7 @@ class Stage1Config:
     fresh_ratio: float
     filler_words: int
     out: Path
+    repeat_ratio: float = 0.1
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "Stage1Config":
@@ -51,22 +53,27 @@ class Stage1Config:
             memory = MemoryConfig(kind="mplus", num_tokens=m["num_tokens"], num_blocks=m["num_blocks"],
                                   num_ltm_blocks=m["num_ltm_blocks"], selector_hidden_dim=m["selector_hidden_dim"],
                                   update_ltm_frequency=m["update_ltm_frequency"], lora_r=m["lora_r"],
-                                  lora_alpha=float(m["lora_alpha"]))
+                                  lora_alpha=float(m["lora_alpha"]),
+                                  initial_rf_when_moving_stm_to_ltm=float(m.get("initial_rf_when_moving_stm_to_ltm", 10)))
             return cls(memory=memory, base=(path.parent / t["base"]).resolve(), seed=t["seed"], steps=t["steps"],
                        lr=float(t["lr"]), fresh_ratio=float(t["fresh_ratio"]), filler_words=t["filler_words"],
+                       repeat_ratio=float(t.get("repeat_ratio", 0.1)),
                        out=(path.parent / t["out"]).resolve())
         except KeyError as e:
             raise ConfigError(f"{path} is missing the field {e.args[0]!r}") from None
 
 
-def fact_example(rng: random.Random, tokenizer: tokenizers.Tokenizer, filler_words: int
+def fact_example(rng: random.Random, tokenizer: tokenizers.Tokenizer, filler_words: int, repeat_ratio: float = 0.0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chunk [n], sentence [T], targets [T] bool): a paragraph with one fact, and its question + answer."""
+    """(chunk [n], sentence [T], targets [T] bool): a chunk ending in one fact, and its question + reply.
+
+    With probability repeat_ratio the sentence is the recipe's repeat task instead: "Repeat:" and the chunk's
+    last sentence (the fact; the memory holds the hidden states of the chunk's last K tokens only)."""
     ep = recall_episode(rng, "train", 0)
-    half = filler_words // 2
-    paragraph = " ".join(x for x in (distractor_chunk(rng, half), ep["fact"], distractor_chunk(rng, half)) if x)
-    question = tokenizer.encode(qa_prompt(ep["question"])).ids
-    answer = tokenizer.encode(" " + ep["answer"]).ids
+    paragraph = fact_paragraph(rng, ep["fact"], filler_words)
+    repeat = rng.random() < repeat_ratio
+    question = tokenizer.encode("Repeat:" if repeat else qa_prompt(ep["question"])).ids
+    answer = tokenizer.encode(" " + (ep["fact"] if repeat else ep["reply"])).ids
     targets = torch.tensor([False] * len(question) + [True] * len(answer))
     return torch.tensor(tokenizer.encode(paragraph).ids), torch.tensor(question + answer), targets
 
@@ -96,7 +103,7 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
     losses = []
     bar = tqdm(range(step, end), desc="stage 1", initial=step, total=config.steps, disable=not progress)
     for step in bar:
-        chunk, sentence, targets = fact_example(rng, tokenizer, config.filler_words)
+        chunk, sentence, targets = fact_example(rng, tokenizer, config.filler_words, config.repeat_ratio)
         loss, delta = stage1_loss(model, state.stm, chunk, sentence, targets,
                                   fresh_only=rng.random() < config.fresh_ratio, g=g)
         optim.zero_grad(set_to_none=True)

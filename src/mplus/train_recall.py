@@ -1,0 +1,187 @@
+"""Stages 2 and 3 of the recipe on the fact task: delayed recall, the retriever, then the long-term memory.
+
+The memory runs as at inference: every step writes one chunk (a paragraph holding a fact, or filler) into the
+STM, and the dropped rows go on (stage 3: into the LTM). Each step trains on up to two questions:
+
+  * fresh: when the chunk holds a fact, its question is answered right after the write, with gradient
+    through the write path (train_memory.stage1_loss, as in stage 1);
+  * delayed (spec 8.4): a question about a fact written 1..max_delay chunks earlier, answered from the current
+    memory with the read adapter. In stage 3 the prefix is [bos, K0 rows retrieved from the LTM, STM], the
+    retrieval made from the question alone, exactly as at generation (MPlus._prefill).
+
+The retriever (f_q, f_k) trains with the balanced BCE of spec 5.4 on STM slots: a slot is positive when it holds
+a row written from the asked fact's chunk. Rows are copied, never changed, between the write and the STM, so a
+slot is found by exact equality with the fact's written block. Retriever inputs are detached (spec 5.4
+detach_hidden_state). In stage 3 the retriever keeps training on the STM and is applied to the LTM.
+
+Deviations from the official recipe, for a 2-core budget: questions replace documents as "sentences"; the full
+question is the retrieval query (no random prefix); delays come from a queue of earlier facts rather than the
+pass/empty indicator; the encoder retriever (unused at inference) is not trained.
+
+Config (TOML, see configs/stage2-tiny.toml and stage3-tiny.toml):
+
+    stage = "memory2" | "memory3"
+    [train]   init, seed, steps, lr, selector_lr, fact_ratio, fresh_ratio, filler_words, chunk_words,
+              max_delay, out
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+from pathlib import Path
+
+import tokenizers
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .config import ConfigError
+from .facts import distractor_chunk
+from .io import atomic_write_bytes
+from .ltm import copies_of
+from .mplus_model import MPlus
+from .state import MemoryState
+from .train_base import read_stage_config
+from .train_memory import stage1_loss, trainable_parameters
+from .train_stage1 import fact_example
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallConfig:
+    ltm: bool  # stage 3
+    init: Path
+    seed: int
+    steps: int
+    lr: float
+    selector_lr: float
+    fact_ratio: float
+    fresh_ratio: float
+    filler_words: int
+    chunk_words: int
+    max_delay: int
+    out: Path
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "RecallConfig":
+        path = Path(path)
+        try:
+            raw = read_stage_config(path, "memory2")
+        except ConfigError:
+            raw = read_stage_config(path, "memory3")
+        t = raw.get("train", {})
+        try:
+            return cls(ltm=raw["stage"] == "memory3", init=(path.parent / t["init"]).resolve(), seed=t["seed"],
+                       steps=t["steps"], lr=float(t["lr"]), selector_lr=float(t["selector_lr"]),
+                       fact_ratio=float(t["fact_ratio"]), fresh_ratio=float(t["fresh_ratio"]),
+                       filler_words=t["filler_words"], chunk_words=t["chunk_words"], max_delay=t["max_delay"],
+                       out=(path.parent / t["out"]).resolve())
+        except KeyError as e:
+            raise ConfigError(f"{path} is missing the field {e.args[0]!r}") from None
+
+
+def retriever_parameters(model: MPlus) -> list[torch.nn.Parameter]:
+    params = [p for n, p in model.named_parameters() if ".query_proj." in n or ".key_proj." in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def retriever_loss(model: MPlus, record: list[dict], stm: torch.Tensor, labels: torch.Tensor,
+                   query_len: int) -> torch.Tensor:
+    """Balanced BCE (spec 5.4) of every layer's STM relevance [N] against labels [L, N]: (pos + neg) / 2."""
+    weights = []
+    for l, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        q = attn.query_proj(layer.input_layernorm(record[l]["layer_input"][:query_len].detach()))  # [T, d_s]
+        k = attn.key_proj(layer.input_layernorm(stm[l]))  # [N, d_s]
+        weights.append(torch.sigmoid(q @ k.t()).mean(0))  # [N]
+    w = torch.stack(weights)  # [L, N]
+    pos = -torch.log(w[labels] + 1e-5).mean()
+    neg = -torch.log(1 - w[~labels] + 1e-5).mean()
+    return (pos + neg) / 2
+
+
+def delayed_loss(model: MPlus, state, target: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer loss, retriever loss) for a fact written earlier, read from the current memory as at generation."""
+    sentence, mask, n_query = target["sentence"], target["targets"], target["query_len"]
+    record: list[dict] = []
+    state.stm_kv = None  # recomputed with gradient into the read adapter and bos_embedding
+    logits = model._prefill(state, sentence, None, False, record, query_len=n_query)  # [1, T, V]
+    state.stm_kv = None
+    answer = F.cross_entropy(logits[0, :-1][mask[1:]], sentence[1:][mask[1:]])
+    labels = torch.stack([copies_of(state.stm[l], target["block"][l]) for l in range(state.num_layers)])  # [L, N]
+    if not labels.any():
+        return answer, torch.zeros(())
+    return answer, retriever_loss(model, record, state.stm, labels, n_query)
+
+
+def train(config: RecallConfig, *, max_steps: int | None = None, progress: bool = True) -> list[float]:
+    """Run (or resume) stage 2 or 3; returns the losses of the steps run now. Writes an official-layout M+ folder."""
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizers.Tokenizer.from_file(str(config.init / "tokenizer.json"))
+    model = MPlus.from_pretrained(config.init)
+    params = trainable_parameters(model)
+    selector = retriever_parameters(model)
+    optim = torch.optim.AdamW([{"params": params, "lr": config.lr},
+                               {"params": selector, "lr": config.selector_lr}], weight_decay=0.0)
+    state = model.initial_state(seed=config.seed)
+    if not config.ltm:
+        state = state.without_ltm()
+    rng, g, step, pending = random.Random(config.seed), torch.Generator().manual_seed(config.seed + 1), 0, []
+    resume = out / "train_state.pt"
+    if resume.exists():
+        saved = torch.load(resume, weights_only=False)
+        with torch.no_grad():
+            for p, value in zip(params + selector, saved["params"]):
+                p.copy_(value)
+        optim.load_state_dict(saved["optim"])
+        rng.setstate(saved["rng"])
+        g.set_state(saved["generator"])
+        drops = torch.Generator()
+        drops.set_state(saved["drops"])
+        state, pending, step = MemoryState(**saved["memory"], generator=drops), saved["pending"], saved["step"]
+    end = config.steps if max_steps is None else min(config.steps, step + max_steps)
+    losses = []
+    bar = tqdm(range(step, end), desc=f"stage {3 if config.ltm else 2}", initial=step, total=config.steps,
+               disable=not progress)
+    for step in bar:
+        loss = torch.zeros(())
+        if rng.random() < config.fact_ratio:
+            chunk, sentence, targets = fact_example(rng, tokenizer, config.filler_words)
+            fresh, delta = stage1_loss(model, state.stm, chunk, sentence, targets,
+                                       fresh_only=rng.random() < config.fresh_ratio, g=g)
+            loss = loss + fresh
+            pending.append(dict(block=delta.detach(), sentence=sentence, targets=targets,
+                                query_len=int((~targets).sum()), step=step))
+        else:
+            chunk = torch.tensor(tokenizer.encode(distractor_chunk(rng, config.chunk_words)).ids)
+            with torch.no_grad():
+                delta = model.encode(state.stm, chunk)
+        model.write(state, delta.detach(), state.generator)
+        pending = [t for t in pending if step - t["step"] < config.max_delay]
+        earlier = [t for t in pending if t["step"] < step]
+        if earlier:
+            answer, selector_loss = delayed_loss(model, state, rng.choice(earlier))
+            loss = loss + answer + selector_loss
+        if loss.requires_grad:
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params + selector, 1.0)
+            optim.step()
+            state.stm_kv = None
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
+    memory = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name not in ("generator", "stm_kv")}
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params + selector], "optim": optim.state_dict(),
+                "rng": rng.getstate(), "generator": g.get_state(), "memory": memory,
+                "drops": state.generator.get_state(), "pending": pending, "step": end}, buffer)
+    atomic_write_bytes(resume, buffer.getvalue())
+    if end == config.steps:
+        shipped = model.initial_state()  # ships the trained STM with an empty LTM
+        shipped.stm = state.stm.detach().clone()
+        model.save_pretrained(out, shipped)
+        (out / "tokenizer.json").write_bytes((config.init / "tokenizer.json").read_bytes())
+    return losses

@@ -1,0 +1,121 @@
+"""Stages 2 and 3 in miniature: they run on a stage-1 model, train the retriever, are deterministic and resume
+exactly; the retriever's labels find the written rows; the BCE is the spec's balanced average; the retention
+benchmark and the demo run end to end on the trained model."""
+import math
+import subprocess
+import sys
+
+import pytest
+import tokenizers
+import torch
+
+from mplus import MPlus
+from mplus.bench_retention import run
+from mplus.ltm import copies_of
+from mplus.train_base import BaseTrainConfig, train as train_base
+from mplus.train_recall import RecallConfig, train
+from mplus.train_stage1 import Stage1Config, train as train_stage1
+from test_train_base import CONFIG as BASE
+from test_train_stage1 import STAGE1
+
+RECALL = """
+stage = "{stage}"
+[train]
+init = "{init}"
+seed = 5
+steps = {steps}
+lr = 5e-3
+selector_lr = 5e-3
+fact_ratio = 0.4
+fresh_ratio = 0.2
+filler_words = 10
+chunk_words = 12
+max_delay = {delay}
+out = "{out}"
+"""
+
+
+def stage1_model(folder):
+    (folder / "base.toml").write_text(BASE.replace('out = "run"', 'out = "base"').replace("steps = 40", "steps = 10"))
+    train_base(BaseTrainConfig.from_toml(folder / "base.toml"), progress=False)
+    (folder / "s1.toml").write_text(STAGE1.format(out="s1").replace("steps = 24", "steps = 4"))
+    train_stage1(Stage1Config.from_toml(folder / "s1.toml"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny base, stage 1, stage 2 and a stage-3 run, trained once for this module."""
+    folder = tmp_path_factory.mktemp("recall")
+    stage1_model(folder)
+    (folder / "s2.toml").write_text(RECALL.format(stage="memory2", init="s1", steps=8, delay=6, out="s2"))
+    s2 = train(RecallConfig.from_toml(folder / "s2.toml"), progress=False)
+    (folder / "once.toml").write_text(RECALL.format(stage="memory3", init="s2", steps=20, delay=24, out="once"))
+    once = train(RecallConfig.from_toml(folder / "once.toml"), progress=False)
+    return folder, s2, once
+
+
+def test_stages_2_and_3_run_deterministically_and_resume(runs):
+    folder, s2, once = runs
+    assert all(math.isfinite(x) for x in s2 + once) and any(x > 0 for x in s2)
+    (folder / "split.toml").write_text(RECALL.format(stage="memory3", init="s2", steps=20, delay=24, out="split"))
+    split = RecallConfig.from_toml(folder / "split.toml")  # a second run, stopped and resumed: same losses
+    assert train(split, max_steps=9, progress=False) + train(split, progress=False) == once
+    a, b = (MPlus.from_pretrained(folder / n) for n in ("once", "split"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # the retriever trained: its weights moved away from the stage-2 ones
+    s2_model = MPlus.from_pretrained(folder / "s2")
+    name = "model.layers.0.self_attn.query_proj.0.weight"
+    assert not torch.equal(a.state_dict()[name], s2_model.state_dict()[name])
+    state = a.initial_state()
+    assert state.has_ltm and all(x.shape[0] == 0 for x in state.ltm)  # shipped with an empty LTM
+
+
+def test_retention_benchmark_runs_on_a_trained_model(runs):
+    """Mechanics, not quality (the model is a few steps old): shapes, the token distances, and that M+ equals
+    MemoryLLM while its LTM is still empty (distance 0: nothing has been dropped yet)."""
+    folder = runs[0]
+    model = MPlus.from_pretrained(folder / "once")
+    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "once" / "tokenizer.json"))
+    result = run(model, tokenizer, seed=3, episodes=3, distances=[0, 2, 12], chunk_words=12, filler_words=6,
+                 progress=False)
+    acc = result["accuracy"]
+    assert set(acc) == {"mplus", "memoryllm", "no_context"} and all(len(v) == 3 for v in acc.values())
+    assert result["tokens"][0] == 0 and result["tokens"][0] < result["tokens"][1] < result["tokens"][2]
+    assert acc["mplus"][0] == acc["memoryllm"][0]
+    got, stored, _, layers = result["recall"][2]  # after 12 chunks the fact's rows have reached the LTM
+    assert stored > 0 and 0 <= got <= stored and layers > 0
+
+
+def test_demo_runs_on_a_trained_model(runs):
+    folder = runs[0]
+    out = subprocess.run([sys.executable, "-m", "mplus", "demo", "--model", str(folder / "once"), "--chunks", "6",
+                          "--people", "2", "--facts", "1", "--chunk-words", "12"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "M+ answered" in out.stdout and "retrieved" in out.stdout and "MemoryLLM" in out.stdout
+
+
+def test_labels_are_the_slots_a_chunk_was_written_to():
+    g = torch.Generator().manual_seed(0)
+    stm = torch.randn(10, 4, generator=g)
+    block = stm[[2, 7]].clone()
+    assert copies_of(stm, block).nonzero().flatten().tolist() == [2, 7]
+    block[1, 0] += 1e-6  # a row that differs at all is not a copy
+    assert copies_of(stm, block).nonzero().flatten().tolist() == [2]
+
+
+def test_retriever_loss_is_the_balanced_bce():
+    from types import SimpleNamespace
+
+    from mplus.train_recall import retriever_loss
+    # one layer whose projectors are identities: weights = sigmoid(q . k) averaged over the query tokens
+    layer = SimpleNamespace(self_attn=SimpleNamespace(query_proj=lambda x: x, key_proj=lambda x: x),
+                            input_layernorm=lambda x: x)
+    model = SimpleNamespace(model=SimpleNamespace(layers=[layer]))
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    stm = torch.tensor([[[2.0, 0.0], [0.0, -3.0], [1.0, 1.0]]])
+    labels = torch.tensor([[True, False, False]])
+    w = torch.sigmoid(q @ stm[0].t()).mean(0)
+    want = (-torch.log(w[0] + 1e-5) + (-torch.log(1 - w[1:] + 1e-5)).mean()) / 2
+    got = retriever_loss(model, [{"layer_input": q}], stm, labels, query_len=2)
+    assert torch.allclose(got, want)
