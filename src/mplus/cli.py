@@ -164,18 +164,29 @@ def cmd_train(args: argparse.Namespace) -> None:
         from .train_base import BaseTrainConfig as Config, train
     elif stage == "memory1":
         from .train_stage1 import Stage1Config as Config, train
+    elif stage in ("memory2", "memory3"):
+        from .train_recall import RecallConfig as Config, train
     else:
-        raise CliError(f"{args.config}: unknown stage {stage!r}; so far there are \"base\" and \"memory1\"")
+        raise CliError(f"{args.config}: unknown stage {stage!r}; the stages are \"base\", \"memory1\", "
+                       "\"memory2\" and \"memory3\"")
     config = Config.from_toml(args.config)
     losses = train(config, max_steps=args.max_steps)
     if losses:
         print(f"steps run: {len(losses)}, last loss {losses[-1]:.3f}; output in {config.out}", file=sys.stderr)
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run
+    run(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "memory":
         from .bench_memory import main as bench_memory
         raise SystemExit(bench_memory(args.rest))
+    if args.what == "retention":
+        from .bench_retention import main as bench_retention
+        raise SystemExit(bench_retention(args.rest))
     raise CliError("`mplus bench llama` compares against transformers, a test-only dependency: "
                    "run `make bench` (bench/llama.py) instead")
 
@@ -197,6 +208,7 @@ def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import __doc__ as demo_doc, add_arguments as add_demo_arguments
     parser = argparse.ArgumentParser(prog="mplus", description="M+ and MemoryLLM on a hand-written Llama-3.1.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -261,16 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=12, help="retrieved rows shown per layer (default 12)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("train", help="train from a TOML config (stages so far: \"base\", \"memory1\")",
+    p = sub.add_parser("train", help="train from a TOML config (stages \"base\", \"memory1\", \"memory2\", \"memory3\")",
                        description="Train as a config file says; re-running the same command resumes an "
                                    "interrupted run from its last checkpoint.")
     p.add_argument("--config", required=True, help="TOML config, e.g. configs/base-tiny.toml")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("bench", help="benchmarks: `mplus bench memory` (STM key/value cache, retrieval scaling)",
+    p = sub.add_parser("demo", help="the main job: the tiny M+ remembers a story that MemoryLLM forgot",
+                       description=demo_doc.split("\n\n")[0])
+    add_demo_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks: `mplus bench retention` (how long M+ remembers), "
+                                     "`mplus bench memory` (STM key/value cache, retrieval scaling)",
                        description="Run a benchmark; options after the name go to it (e.g. `mplus bench memory --help`).")
-    p.add_argument("what", choices=["memory", "llama"], help="memory: M+ speed figures; llama: see `make bench`")
+    p.add_argument("what", choices=["retention", "memory", "llama"],
+                   help="retention: accuracy against distance, M+ vs MemoryLLM; memory: M+ speed figures; "
+                        "llama: see `make bench`")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -17,3 +17,14 @@ def smollm2_dir() -> Path:
 def llama31_tokenizer_path() -> Path:
     """The rebuilt official Llama-3.1 tokenizer.json."""
     return cache_dir() / "llama-3.1-tokenizer" / "tokenizer.json"
+
+
+def tiny_model_path() -> Path:
+    """The tiny M+ the project trains and ships (checkpoints/tiny-mplus in the repository), or $MPLUS_TINY."""
+    if os.environ.get("MPLUS_TINY"):
+        return Path(os.environ["MPLUS_TINY"])
+    folder = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-mplus"
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"the shipped tiny M+ is not at {folder}: run from a checkout of the repository "
+                                "(pip install -e .), set MPLUS_TINY, or train it with `make train-tiny`")
+    return folder

@@ -1,0 +1,119 @@
+"""`mplus demo`: the shipped tiny M+ remembers what MemoryLLM forgets (the project's main job, `make demo`).
+
+1. A story about invented people (from the test partition: the model never saw them) is written into memory,
+   one fact per chunk, then many filler chunks push every fact out of the short-term memory (STM).
+2. Each question is answered by M+: the retriever brings rows back from the long-term memory (LTM); the demo
+   shows where the fact's rows are now (STM / LTM) and which of them each layer retrieved, with their ages.
+3. The same state with the LTM switched off is MemoryLLM: its STM is identical, and it has forgotten.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import tokenizers
+import torch
+from tqdm import tqdm
+
+from .facts import RELATIONS, distractor_chunk, draw_name, fact_example, fact_paragraph, make_entity, qa_prompt
+from .ltm import copies_of
+from .mplus_model import MPlus
+from .tokenizer import StreamDecoder
+
+
+def story(rng: random.Random, people: int, facts_each: int, filler_words: int) -> list[dict]:
+    """Facts about `people` fresh test-partition people, each in its own paragraph, in random order."""
+    items = []
+    for _ in range(people):
+        entity = make_entity(rng, draw_name(rng, "test"))
+        for relation in rng.sample(RELATIONS, facts_each):
+            fact, question, answer = fact_example(rng, entity, relation)
+            items.append(dict(fact=fact, question=question, answer=answer,
+                              paragraph=fact_paragraph(rng, fact, filler_words)))
+    rng.shuffle(items)
+    return items
+
+
+def where(state, block: torch.Tensor) -> tuple[int, int]:
+    """(rows of the block in the STM, rows in the LTM or the dropped-row cache), summed over layers."""
+    stm = sum(int(copies_of(state.stm[l], block[l]).sum()) for l in range(state.num_layers))
+    ltm = 0 if not state.has_ltm else sum(int(copies_of(torch.cat((state.ltm[l], state.cache_rows[l])),
+                                                         block[l]).sum()) for l in range(state.num_layers))
+    return stm, ltm
+
+
+def answer(model: MPlus, tokenizer, state, question: str, label: str) -> str:
+    """Stream the greedy answer after `label`; returns it (up to the first line break)."""
+    decoder, text = StreamDecoder(tokenizer), ""
+    print(f"  {label:>9}: ", end="", flush=True)
+    for token in model.generate_tokens(state, tokenizer.encode(qa_prompt(question)).ids, max_new_tokens=16,
+                                       stop_ids=()):
+        piece = decoder.push(token)
+        text += piece.split("\n")[0]
+        print(piece.split("\n")[0], end="", flush=True)
+        if "\n" in piece:
+            break
+    return text.strip()
+
+
+def show_retrieval(model: MPlus, tokenizer, state, question: str, block: torch.Tensor) -> None:
+    record: list[dict] = []
+    model.forward(state, tokenizer.encode(qa_prompt(question)).ids, record=record)
+    for l, r in enumerate(record):
+        pool = torch.cat((state.ltm[l], state.cache_rows[l]))  # [S + c, d]
+        pool_ages = torch.cat((state.ltm_ages[l], state.cache_ages[l]))
+        picked = r["index"] + r["source"] * state.ltm[l].shape[0]  # [K0] pool rows in feeding order
+        fact = copies_of(pool, block[l])
+        mine = picked[fact[picked]]
+        ages = pool_ages[mine].tolist()
+        print(f"    layer {l}: retrieved {len(mine):2d} of this fact's {int(fact.sum()):2d} LTM rows "
+              f"(out of {pool.shape[0]} LTM rows; {model.memory_config.ltm_retrieved} retrieved)"
+              + (f", ages {min(ages)}..{max(ages)}" if ages else ""))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="M+ folder (default: the shipped tiny model, checkpoints/tiny-mplus)")
+    p.add_argument("--seed", type=int, default=0, help="draws the people, the filler and the drops (default 0)")
+    p.add_argument("--people", type=int, default=3, help="people in the story (default 3)")
+    p.add_argument("--facts", type=int, default=2, help="facts per person (default 2)")
+    p.add_argument("--chunks", type=int, default=100, help="filler chunks after the story (default 100)")
+    p.add_argument("--chunk-words", type=int, default=48, help="words per filler chunk (default 48)")
+
+
+def run(args: argparse.Namespace) -> None:
+    from .paths import tiny_model_path
+    folder = Path(args.model) if args.model else tiny_model_path()
+    model = MPlus.from_pretrained(folder)
+    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    mem = model.memory_config
+    rng = random.Random(args.seed)
+    items = story(rng, args.people, min(args.facts, len(RELATIONS)), 12)
+    state = model.initial_state(seed=args.seed)
+    print(f"Tiny M+ from {folder}: {model.config.num_hidden_layers} layers, d {model.config.hidden_size}; per layer "
+          f"an STM of {mem.stm_size} rows, {mem.num_tokens} new rows per chunk, {mem.ltm_retrieved} rows retrieved "
+          "from the LTM.\n\nThe story (people the model never saw in training), one chunk per fact:")
+    for item in items:
+        print("  " + item["fact"])
+        item["block"] = model.inject(state, tokenizer.encode(item["paragraph"]).ids, allow_short=True)
+    written = 0
+    for _ in tqdm(range(args.chunks), desc="injecting filler", unit="chunk"):
+        ids = tokenizer.encode(distractor_chunk(rng, args.chunk_words)).ids
+        model.inject(state, ids, allow_short=True)
+        written += len(ids)
+    print(f"\n{args.chunks} filler chunks ({written} tokens) written after the story. Example of filler:\n  "
+          f"{distractor_chunk(random.Random(args.seed + 1), 24)}\n")
+    forgot = state.without_ltm()
+    score = {"M+": 0, "MemoryLLM": 0}
+    for item in items:
+        stm_rows, ltm_rows = where(state, item["block"])
+        print(f"Q: {item['question']}   (true answer: {item['answer']}; this fact's rows now: {stm_rows} in the STM, "
+              f"{ltm_rows} in the LTM)")
+        for label, s in (("M+", state), ("MemoryLLM", forgot)):
+            ok = item["answer"] in answer(model, tokenizer, s, item["question"], label)
+            score[label] += ok
+            print("   " + ("correct" if ok else "wrong"))
+        show_retrieval(model, tokenizer, state, item["question"], item["block"])
+    n = len(items)
+    print(f"\nM+ answered {score['M+']} of {n}; MemoryLLM (the same weights and STM, LTM off) {score['MemoryLLM']} "
+          f"of {n}.")
