@@ -259,8 +259,8 @@ def document(rng: random.Random, repeat_ratio: float = 0.3) -> str:
     return "\n".join([text, *(qa_text(q, a) for _, q, a in asked)])
 
 
-def corpus(seed: int, n_docs: int) -> Iterator[str]:
+def corpus(seed: int, n_docs: int, repeat_ratio: float = 0.3) -> Iterator[str]:
     """`n_docs` training documents (format in the module docstring), only ever about train-partition people."""
     rng = random.Random(seed)
     for _ in range(n_docs):
-        yield document(rng)
+        yield document(rng, repeat_ratio)

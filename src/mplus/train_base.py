@@ -12,7 +12,8 @@ A config is a small TOML file (see configs/base-tiny.toml):
     [model]   hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size,
               vocab_size, max_position_embeddings
     [train]   seed, steps, batch_size, seq_len, lr, warmup, weight_decay, corpus_docs, out,
-              answer_weight (optional, default 1)
+              answer_weight (optional, default 1), repeat_ratio (optional, default 0.3: documents that are a
+              story followed by "Repeat:" and the story again)
 
 answer_weight > 1 weights the loss of reply tokens (the text after "A:") that much more than other tokens:
 still next-token prediction on the same text, but with the gradient tilted towards reading facts from
@@ -64,6 +65,7 @@ class BaseTrainConfig:
     corpus_docs: int
     out: Path
     answer_weight: float = 1.0
+    repeat_ratio: float = 0.3
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "BaseTrainConfig":
@@ -82,7 +84,8 @@ class BaseTrainConfig:
             return cls(model=model, seed=t["seed"], steps=t["steps"], batch_size=t["batch_size"],
                        seq_len=t["seq_len"], lr=float(t["lr"]), warmup=t["warmup"],
                        weight_decay=float(t["weight_decay"]), corpus_docs=t["corpus_docs"],
-                       out=(path.parent / t["out"]).resolve(), answer_weight=float(t.get("answer_weight", 1.0)))
+                       out=(path.parent / t["out"]).resolve(), answer_weight=float(t.get("answer_weight", 1.0)),
+                       repeat_ratio=float(t.get("repeat_ratio", 0.3)))
         except KeyError as e:
             raise ConfigError(f"{path} is missing the field {e.args[0]!r}") from None
 
@@ -92,7 +95,7 @@ def token_stream(config: BaseTrainConfig, tokenizer) -> tuple[torch.Tensor, torc
     config.answer_weight, every other token 1)."""
     ids: list[int] = []
     weights: list[float] = []
-    for doc in corpus(config.seed, config.corpus_docs):
+    for doc in corpus(config.seed, config.corpus_docs, config.repeat_ratio):
         encoding = tokenizer.encode(doc)
         answers = [(m.start() + 2, m.end()) for m in re.finditer(r"(?m)^A: .*$", doc)]  # " reply" spans
         ids += encoding.ids + [EOS]
@@ -139,7 +142,8 @@ def train(config: BaseTrainConfig, *, max_steps: int | None = None, progress: bo
         import tokenizers
         tokenizer = tokenizers.Tokenizer.from_file(str(tok_path))
     else:
-        tokenizer = train_tokenizer(corpus(config.seed, config.corpus_docs), vocab_size=config.model.vocab_size)
+        tokenizer = train_tokenizer(corpus(config.seed, config.corpus_docs, config.repeat_ratio),
+                                    vocab_size=config.model.vocab_size)
         save_tokenizer(tokenizer, tok_path)
     stream, weights = token_stream(config, tokenizer)
     model = init_model(config).train()
