@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="the main job: the tiny M+ remembers a story that MemoryLLM forgot",
+    p = sub.add_parser("demo", help="write a story into memory, bury it under filler, ask it back: M+ vs MemoryLLM",
                        description=demo_doc.split("\n\n")[0])
     add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)

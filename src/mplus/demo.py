@@ -1,4 +1,7 @@
-"""`mplus demo`: the shipped tiny M+ remembers what MemoryLLM forgets (the project's main job, `make demo`).
+"""`mplus demo`: a story written into memory, buried under filler, asked back: M+ against MemoryLLM.
+
+Meant as the project's main job on the shipped tiny M+ once one is trained that remembers (issue 4); until
+then it runs on any M+ folder given with --model.
 
 1. A story about invented people (from the test partition: the model never saw them) is written into memory,
    one fact per chunk, then many filler chunks push every fact out of the short-term memory (STM).

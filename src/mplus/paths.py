@@ -25,6 +25,6 @@ def tiny_model_path() -> Path:
         return Path(os.environ["MPLUS_TINY"])
     folder = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-mplus"
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"the shipped tiny M+ is not at {folder}: run from a checkout of the repository "
-                                "(pip install -e .), set MPLUS_TINY, or train it with `make train-tiny`")
+        raise FileNotFoundError(f"no tiny M+ at {folder} (none is shipped yet): train one with `make train-tiny`, "
+                                "or pass --model DIR / set MPLUS_TINY to an M+ folder")
     return folder
