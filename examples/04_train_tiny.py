@@ -1,8 +1,9 @@
 """04 - The whole training recipe on a shortened schedule: base pretraining, then memory stages 1, 2 and 3.
 
 The same code and configs as `make train-tiny` (configs/*-tiny.toml), with far fewer steps and a smaller base,
-into a temporary folder. It shows each stage's loss falling and ends with a model in the official layout; it
-does not reach the shipped model's accuracy (that takes the full schedule, about an hour).
+into a temporary folder. It prints each stage's first and last losses and ends with an M+ in the official
+layout that examples 02, 03 and 05 (and `mplus demo --model`) run on; the schedule is far too short for the
+memory to answer questions (see README, Training, for what the full schedule reaches).
 
 Run: .venv/bin/python examples/04_train_tiny.py [OUT_DIR]     (a few minutes on 2 cores)
 """

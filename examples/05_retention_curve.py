@@ -1,8 +1,9 @@
-"""05 - The retention curve: how long the shipped tiny M+ remembers a fact, with and without its LTM.
+"""05 - The retention curve: how long an M+ remembers a fact, with and without its LTM.
 
 A small version of `mplus bench retention` (fewer episodes and distances): fresh test-partition facts are
-written, followed by D filler chunks, then asked. M+ keeps answering long after MemoryLLM (the same weights
-and STM, LTM switched off) has forgotten. Writes retention.csv and retention.svg into OUT_DIR (default: here).
+written, followed by D filler chunks, then asked, of M+ and of MemoryLLM (the same weights and STM, LTM
+switched off); it also prints how often the retriever brings back the fact's LTM rows against chance.
+Writes retention.csv and retention.svg into OUT_DIR (default: here).
 
 Run: .venv/bin/python examples/05_retention_curve.py [MODEL_DIR [OUT_DIR]]   (about a minute)
 MODEL_DIR defaults to the shipped checkpoints/tiny-mplus; examples/04 trains one to try these on.
