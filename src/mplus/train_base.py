@@ -22,6 +22,7 @@ answer loss with the right story = with another doc's story after 400 steps; the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -41,15 +42,25 @@ from .tokenizer_train import save_tokenizer, train_tokenizer
 EOS = 1  # tokenizer_train's <|eos|>
 
 
-def read_stage_config(path: Path, stage: str) -> dict:
-    """The TOML document of a training config, which must declare `stage = "<stage>"`."""
+def read_stage_config(path: Path, *stages: str) -> dict:
+    """The TOML document of a training config, which must declare `stage = "<one of stages>"`."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read the training config {path}: {e}") from None
-    if raw.get("stage") != stage:
-        raise ConfigError(f"{path} declares stage {raw.get('stage')!r}; this trainer runs stage = \"{stage}\"")
+    if raw.get("stage") not in stages:
+        wanted = " or ".join(f'"{s}"' for s in stages)
+        raise ConfigError(f"{path} declares stage {raw.get('stage')!r}; this trainer runs stage = {wanted}")
     return raw
+
+
+@contextlib.contextmanager
+def config_fields(path: Path):
+    """Turns a missing key while reading a config's fields into a ConfigError that names it."""
+    try:
+        yield
+    except KeyError as e:
+        raise ConfigError(f"{path} is missing the field {e.args[0]!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +83,7 @@ class BaseTrainConfig:
         path = Path(path)
         raw = read_stage_config(path, "base")
         m, t = raw.get("model", {}), raw.get("train", {})
-        try:
+        with config_fields(path):
             model = LlamaConfig(
                 vocab_size=m["vocab_size"], hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
                 num_hidden_layers=m["num_hidden_layers"], num_attention_heads=m["num_attention_heads"],
@@ -86,8 +97,6 @@ class BaseTrainConfig:
                        weight_decay=float(t["weight_decay"]), corpus_docs=t["corpus_docs"],
                        out=(path.parent / t["out"]).resolve(), answer_weight=float(t.get("answer_weight", 1.0)),
                        repeat_ratio=float(t.get("repeat_ratio", 0.3)))
-        except KeyError as e:
-            raise ConfigError(f"{path} is missing the field {e.args[0]!r}") from None
 
 
 def token_stream(config: BaseTrainConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:

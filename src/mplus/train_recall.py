@@ -36,13 +36,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import ConfigError
 from .facts import distractor_chunk
 from .io import atomic_write_bytes
 from .ltm import copies_of
 from .mplus_model import MPlus
 from .state import MemoryState
-from .train_base import read_stage_config
+from .train_base import config_fields, read_stage_config
 from .train_memory import stage1_loss, trainable_parameters
 from .train_stage1 import fact_example
 
@@ -65,19 +64,14 @@ class RecallConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> "RecallConfig":
         path = Path(path)
-        try:
-            raw = read_stage_config(path, "memory2")
-        except ConfigError:
-            raw = read_stage_config(path, "memory3")
+        raw = read_stage_config(path, "memory2", "memory3")
         t = raw.get("train", {})
-        try:
+        with config_fields(path):
             return cls(ltm=raw["stage"] == "memory3", init=(path.parent / t["init"]).resolve(), seed=t["seed"],
                        steps=t["steps"], lr=float(t["lr"]), selector_lr=float(t["selector_lr"]),
                        fact_ratio=float(t["fact_ratio"]), fresh_ratio=float(t["fresh_ratio"]),
                        filler_words=t["filler_words"], chunk_words=t["chunk_words"], max_delay=t["max_delay"],
                        out=(path.parent / t["out"]).resolve())
-        except KeyError as e:
-            raise ConfigError(f"{path} is missing the field {e.args[0]!r}") from None
 
 
 def retriever_parameters(model: MPlus) -> list[torch.nn.Parameter]:
@@ -170,7 +164,6 @@ def train(config: RecallConfig, *, max_steps: int | None = None, progress: bool 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params + selector, 1.0)
             optim.step()
-            state.stm_kv = None
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
     memory = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name not in ("generator", "stm_kv")}

@@ -23,12 +23,11 @@ import tokenizers
 import torch
 from tqdm import tqdm
 
-from .config import ConfigError
 from .facts import fact_paragraph, qa_prompt, recall_episode
 from .io import atomic_write_bytes
 from .memory_config import MemoryConfig
 from .mplus_model import MPlus
-from .train_base import read_stage_config
+from .train_base import config_fields, read_stage_config
 from .train_memory import stage1_loss, trainable_parameters
 
 
@@ -49,7 +48,7 @@ class Stage1Config:
         path = Path(path)
         raw = read_stage_config(path, "memory1")
         m, t = raw.get("memory", {}), raw.get("train", {})
-        try:
+        with config_fields(path):
             memory = MemoryConfig(kind="mplus", num_tokens=m["num_tokens"], num_blocks=m["num_blocks"],
                                   num_ltm_blocks=m["num_ltm_blocks"], selector_hidden_dim=m["selector_hidden_dim"],
                                   update_ltm_frequency=m["update_ltm_frequency"], lora_r=m["lora_r"],
@@ -59,8 +58,6 @@ class Stage1Config:
                        lr=float(t["lr"]), fresh_ratio=float(t["fresh_ratio"]), filler_words=t["filler_words"],
                        repeat_ratio=float(t.get("repeat_ratio", 0.1)),
                        out=(path.parent / t["out"]).resolve())
-        except KeyError as e:
-            raise ConfigError(f"{path} is missing the field {e.args[0]!r}") from None
 
 
 def fact_example(rng: random.Random, tokenizer: tokenizers.Tokenizer, filler_words: int, repeat_ratio: float = 0.0
