@@ -1,6 +1,6 @@
 """04 - The whole training recipe on a shortened schedule: base pretraining, then memory stages 1, 2 and 3.
 
-The same code and configs as `make train-tiny` (configs/*-tiny.toml), with far fewer steps and a smaller base,
+The same code and configs as `make train-tiny` (configs/*-tiny.toml), with far fewer steps and a smaller corpus,
 into a temporary folder. It prints each stage's first and last losses and ends with an M+ in the official
 layout that examples 02, 03 and 05 (and `mplus demo --model`) run on; the schedule is far too short for the
 memory to answer questions (see README, Training, for what the full schedule reaches).
@@ -37,9 +37,8 @@ def report(stage: str, losses: list[float]) -> None:
     print(f"{stage}: loss {sum(losses[:n]) / n:.3f} (first {n} steps) -> {sum(losses[-n:]) / n:.3f} (last {n})")
 
 
-report("base (d 128, 2 layers, 120 steps)", train_base(BaseTrainConfig.from_toml(shortened(
-    "base-tiny.toml", hidden_size=128, num_hidden_layers=2, intermediate_size=384, steps=120, warmup=20,
-    corpus_docs=2000, out='"base"'))))
+report("base (120 steps)", train_base(BaseTrainConfig.from_toml(shortened(
+    "base-tiny.toml", steps=120, warmup=20, corpus_docs=2000, out='"base"'))))
 report("stage 1 (150 steps)", train_stage1(Stage1Config.from_toml(shortened(
     "stage1-tiny.toml", steps=150, base='"base"', out='"stage1"'))))
 report("stage 2 (150 steps)", train_recall(RecallConfig.from_toml(shortened(

@@ -133,3 +133,25 @@ def test_tokenizer_training_is_deterministic_across_processes(train_docs):
     other = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert train_tokenizer(train_docs[:300], 512).to_str() == other.stdout
     assert train_tokenizer(train_docs[:300], 512).to_str() == other.stdout
+
+
+def test_single_fact_documents_ask_about_their_one_fact():
+    docs = list(facts.corpus(3, 300, single_fact_ratio=1.0, gap_words=120))
+    gaps = []
+    for doc in docs:
+        story, question, answer = doc.split("\n")
+        names = set(FULL_NAME.findall(story))
+        assert len(names) == 1 and facts.split_of(next(iter(names))) == "train"
+        name = next(iter(names))
+        assert question.startswith("Q: ") and name in question
+        value = [v for v in VALUES if re.search(rf"\b{v}\b", story)] or re.findall(r"\b\d{3}\b", story)
+        assert answer.startswith(f"A: {name}") and value[0] in answer
+        gaps.append(len(story[story.index(value[0]):].split()))  # words from the answer to the question
+    assert min(gaps) <= 3 and max(gaps) >= 100  # the fact is sometimes last, sometimes far from the question
+    near = [facts.single_fact_document(random.Random(i)) for i in range(50)]  # gap 0: the fact ends the story
+    for d in near:
+        story, _, answer = d.split("\n")
+        last = story.split(". ")[-1]  # the fact sentence ends the story
+        assert FULL_NAME.search(last) and answer.split()[-1].rstrip(".") in last
+    mixed = list(facts.corpus(3, 300, single_fact_ratio=0.5))
+    assert 100 < sum(len(FULL_NAME.findall(d.split("\n")[0])) == 1 and d.count("\nQ: ") == 1 for d in mixed) < 250

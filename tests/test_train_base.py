@@ -62,7 +62,7 @@ def test_answer_weight_marks_exactly_the_answer_tokens(tmp_path):
     from mplus.train_base import token_stream
     config = dataclasses.replace(config_in(tmp_path), corpus_docs=5, answer_weight=7.0)
     tokenizer = train_tokenizer(corpus(config.seed, 50), vocab_size=512)
-    ids, weights = token_stream(config, tokenizer)
+    ids, weights = token_stream(config, tokenizer, 0)
     marked = tokenizer.decode(ids[weights == 7.0].tolist())
     answers = [line[2:] for doc in corpus(config.seed, 5) for line in doc.split("\n") if line.startswith("A: ")]
     assert marked == "".join(answers) and set(weights.tolist()) == {1.0, 7.0}

@@ -13,7 +13,10 @@ A config is a small TOML file (see configs/base-tiny.toml):
               vocab_size, max_position_embeddings
     [train]   seed, steps, batch_size, seq_len, lr, warmup, weight_decay, corpus_docs, out,
               answer_weight (optional, default 1), repeat_ratio (optional, default 0.3: documents that are a
-              story followed by "Repeat:" and the story again)
+              story followed by "Repeat:" and the story again), single_fact_ratio (optional, default 0: documents
+              that are one fact ending a filler paragraph, then its question: see facts.single_fact_document),
+              gap_words (optional, default 0: filler words between that fact and its question, at most),
+              gap_from_step (optional, default 0: steps before it train on gap_words = 0, a curriculum)
 
 answer_weight > 1 weights the loss of reply tokens (the text after "A:") that much more than other tokens:
 still next-token prediction on the same text, but with the gradient tilted towards reading facts from
@@ -77,6 +80,9 @@ class BaseTrainConfig:
     out: Path
     answer_weight: float = 1.0
     repeat_ratio: float = 0.3
+    single_fact_ratio: float = 0.0
+    gap_words: int = 0
+    gap_from_step: int = 0
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "BaseTrainConfig":
@@ -96,15 +102,17 @@ class BaseTrainConfig:
                        seq_len=t["seq_len"], lr=float(t["lr"]), warmup=t["warmup"],
                        weight_decay=float(t["weight_decay"]), corpus_docs=t["corpus_docs"],
                        out=(path.parent / t["out"]).resolve(), answer_weight=float(t.get("answer_weight", 1.0)),
-                       repeat_ratio=float(t.get("repeat_ratio", 0.3)))
+                       repeat_ratio=float(t.get("repeat_ratio", 0.3)),
+                       single_fact_ratio=float(t.get("single_fact_ratio", 0.0)),
+                       gap_words=int(t.get("gap_words", 0)), gap_from_step=int(t.get("gap_from_step", 0)))
 
 
-def token_stream(config: BaseTrainConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def token_stream(config: BaseTrainConfig, tokenizer, gap_words: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All corpus documents, tokenized and joined by <|eos|>: ids [n] and loss weights [n] (reply tokens get
     config.answer_weight, every other token 1)."""
     ids: list[int] = []
     weights: list[float] = []
-    for doc in corpus(config.seed, config.corpus_docs, config.repeat_ratio):
+    for doc in corpus(config.seed, config.corpus_docs, config.repeat_ratio, config.single_fact_ratio, gap_words):
         encoding = tokenizer.encode(doc)
         answers = [(m.start() + 2, m.end()) for m in re.finditer(r"(?m)^A: .*$", doc)]  # " reply" spans
         ids += encoding.ids + [EOS]
@@ -151,10 +159,12 @@ def train(config: BaseTrainConfig, *, max_steps: int | None = None, progress: bo
         import tokenizers
         tokenizer = tokenizers.Tokenizer.from_file(str(tok_path))
     else:
-        tokenizer = train_tokenizer(corpus(config.seed, config.corpus_docs, config.repeat_ratio),
-                                    vocab_size=config.model.vocab_size)
+        docs = corpus(config.seed, config.corpus_docs, config.repeat_ratio, config.single_fact_ratio, 0)
+        tokenizer = train_tokenizer(docs, vocab_size=config.model.vocab_size)
         save_tokenizer(tokenizer, tok_path)
-    stream, weights = token_stream(config, tokenizer)
+    # Copying emerges on facts right before their question; the gap then teaches it to reach further back.
+    near = token_stream(config, tokenizer, 0)
+    far = token_stream(config, tokenizer, config.gap_words) if config.gap_words else near
     model = init_model(config).train()
     optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(config.seed + 1)
@@ -172,7 +182,7 @@ def train(config: BaseTrainConfig, *, max_steps: int | None = None, progress: bo
     for step in bar:
         for group in optim.param_groups:
             group["lr"] = lr_at(step, config)
-        ids, w = batch(stream, weights, config, g)  # [B, T + 1] each
+        ids, w = batch(*(far if step >= config.gap_from_step else near), config, g)  # [B, T + 1] each
         logits = model(ids[:, :-1])  # [B, T, V]
         token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
         loss = (token_loss * w[:, 1:].flatten()).sum() / w[:, 1:].sum()
