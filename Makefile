@@ -32,7 +32,7 @@ demo: fetch
 		--prompt "Write a haiku about memory." --max-new-tokens 48
 
 # Train the tiny M+ from scratch into checkpoints/tiny-mplus: base pretraining, then memory stages 1-3 (about
-# 35 minutes on 2 cores). Intermediate models go to runs/; an interrupted run resumes where it stopped.
+# 25 minutes on 2 cores). Intermediate models go to runs/; an interrupted run resumes where it stopped.
 train-tiny: venv
 	$(VENV)/bin/mplus train --config configs/base-tiny.toml
 	$(VENV)/bin/mplus train --config configs/stage1-tiny.toml
