@@ -243,9 +243,11 @@ def single_fact_document(rng: random.Random, gap_words: int = 0) -> str:
     test people), long before it does on multi-person stories (measured). But such a model copies only from
     nearby (the fact <= ~40 tokens before the question); memory rows two chunks back in the STM, or retrieved
     from the LTM, sit at larger RoPE distances and were read at the no-context floor. gap_words spreads the
-    distance (measured with 120: copying had not emerged after 1500 steps; README, Training)."""
+    distance; trained with it from the start, copying had not emerged after 1500 steps, so the base config
+    switches it on after copying has formed (train_base's gap_from_step; README, Training)."""
     ep = recall_episode(rng, "train", 0)
     story = " ".join(x for x in (fact_paragraph(rng, ep["fact"], rng.randint(0, 24)),
+                                 # no draw at gap 0: the corpus stays the one the near-only base was measured on
                                  distractor_chunk(rng, rng.randint(0, gap_words) if gap_words else 0)) if x)
     return "\n".join((story, qa_text(ep["question"], ep["reply"])))
 
