@@ -6,7 +6,7 @@ import torch
 from conftest import OFFICIAL_TINY
 from mplus import MPlus
 from mplus.lora import READ
-from mplus.train_memory import full_memory_prefix, read_logits, stage1_loss, trainable_parameters
+from mplus.train_memory import Placement, full_memory_prefix, read_logits, stage1_loss, trainable_parameters
 
 
 @pytest.fixture
@@ -32,6 +32,46 @@ def test_full_memory_prefix_keeps_n_minus_k_rows_in_order(model):
     rows, positions = full_memory_prefix(model, state.stm, delta, torch.Generator().manual_seed(0))
     assert all(r.shape == (1 + 32, 64) for r in rows) and positions.shape == (33,)
     assert torch.equal(rows[1][-8:], delta[1])
+
+
+def _block_slots(rows, delta):
+    """Per layer, the prefix slots holding rows of delta [L, K, d]."""
+    return [[i for i in range(r.shape[0]) if (r[i] == delta[l]).all(-1).any()] for l, r in enumerate(rows)]
+
+
+def test_placement_puts_an_aged_partial_block_among_the_stm_rows(model):
+    state = model.initial_state()
+    N, K = model.memory_config.stm_size, model.memory_config.num_tokens  # 32, 8
+    delta = torch.randn(3, K, 64)
+    ages, kept = set(), set()
+    for seed in range(40):
+        rows, positions = full_memory_prefix(model, state.stm, delta, torch.Generator().manual_seed(seed),
+                                             Placement(max_age=2, min_keep=0.5))
+        assert all(r.shape == (1 + N, 64) for r in rows) and torch.equal(positions[1:] - positions[1], torch.arange(N))
+        slots = _block_slots(rows, delta)
+        m = len(slots[0])
+        assert all(len(s) == m for s in slots) and K // 2 <= m <= K  # the same share in every layer
+        for l, s in enumerate(slots):
+            assert s == list(range(s[0], s[0] + m))  # contiguous, in written order
+            picked = rows[l][s]  # [m, d]
+            order = [int((delta[l] == r).all(-1).nonzero()) for r in picked]
+            assert order == sorted(order)
+        after = N - slots[0][-1]  # STM rows written after the block
+        assert after % K == 0 or after > N - K - m
+        ages.add(after // K), kept.add(m)
+    assert ages == {0, 1, 2} and len(kept) > 2
+
+
+def test_placement_in_the_retrieved_zone_uses_the_generation_layout(model):
+    state = model.initial_state()
+    N, K, k0 = model.memory_config.stm_size, model.memory_config.num_tokens, model.memory_config.ltm_retrieved
+    delta = torch.randn(3, K, 64)
+    rows, positions = full_memory_prefix(model, state.stm, delta, torch.Generator().manual_seed(0),
+                                         Placement(ltm_ratio=1.0))
+    assert torch.equal(positions, torch.arange(1 + k0 + N))  # bos, K0 retrieved slots, the STM
+    for l, r in enumerate(rows):
+        assert r.shape == (1 + k0 + N, 64) and torch.equal(r[1 + k0:], state.stm[l])  # the whole STM after
+        assert all(1 <= i <= k0 for i in _block_slots(rows, delta)[l])
 
 
 @pytest.mark.parametrize("fresh_only", [False, True])

@@ -67,7 +67,20 @@ def test_stages_2_and_3_run_deterministically_and_resume(runs):
     name = "model.layers.0.self_attn.query_proj.0.weight"
     assert not torch.equal(a.state_dict()[name], s2_model.state_dict()[name])
     state = a.initial_state()
-    assert state.has_ltm and all(x.shape[0] == 0 for x in state.ltm)  # shipped with an empty LTM
+    assert state.has_ltm and all(x.shape[0] == 0 for x in state.ltm)  # shipped with an empty LTM...
+    assert torch.equal(state.stm, s2_model.initial_state().stm)  # ...and the STM it started from, not the training one
+
+
+def test_stage_3_ships_a_primed_memory(runs):
+    folder = runs[0]
+    (folder / "primed.toml").write_text(RECALL.format(stage="memory3", init="s2", steps=2, delay=24, out="primed")
+                                        + "prime_chunks = 30\n")
+    train(RecallConfig.from_toml(folder / "primed.toml"), progress=False)
+    model = MPlus.from_pretrained(folder / "primed")
+    state, start = model.initial_state(), MPlus.from_pretrained(folder / "s2").initial_state()
+    k0 = model.memory_config.ltm_retrieved
+    assert all(rows.shape[0] >= k0 for rows in state.ltm)  # retrieval scores the LTM from the first question
+    assert not torch.equal(state.stm, start.stm)  # filler written over the STM it started from
 
 
 def test_retention_benchmark_runs_on_a_trained_model(runs):
@@ -89,7 +102,7 @@ def test_retention_benchmark_runs_on_a_trained_model(runs):
 def test_demo_runs_on_a_trained_model(runs):
     folder = runs[0]
     out = subprocess.run([sys.executable, "-m", "mplus", "demo", "--model", str(folder / "once"), "--chunks", "6",
-                          "--people", "2", "--facts", "1", "--chunk-words", "12"],
+                          "--facts", "2", "--chunk-words", "12"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "M+ answered" in out.stdout and "retrieved" in out.stdout and "MemoryLLM" in out.stdout

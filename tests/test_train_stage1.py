@@ -1,4 +1,5 @@
-"""Stage 1 on the fact task, in miniature: it runs from a base checkpoint and resumes exactly."""
+"""Stage 1 on the fact task, in miniature (with the committed config's placement and filler STM): it runs from a
+base checkpoint and resumes exactly."""
 import math
 
 import torch
@@ -26,6 +27,10 @@ lr = 5e-3
 fresh_ratio = 0.2
 filler_words = 10
 out = "{out}"
+max_age = 3
+min_keep = 0.3
+ltm_ratio = 0.3
+stm_filler_words = 12
 """
 
 
@@ -42,3 +47,4 @@ def test_stage1_runs_learns_and_resumes(tmp_path):
     model = MPlus.from_pretrained(tmp_path / "once")
     assert model.memory_config.stm_size == 32 and (tmp_path / "once" / "tokenizer.json").exists()
     assert torch.isfinite(model(model.initial_state(), torch.arange(3, 9))).all()
+    assert Stage1Config.from_toml(tmp_path / "once.toml").placement.ltm_ratio == 0.3

@@ -14,6 +14,15 @@ a row written from the asked fact's chunk. Rows are copied, never changed, betwe
 slot is found by exact equality with the fact's written block. Retriever inputs are detached (spec 5.4
 detach_hidden_state). In stage 3 the retriever keeps training on the STM and is applied to the LTM.
 
+With lr = 0 (the tiny configs) only the retriever trains: the adapters keep what stage 1 taught. On this task
+the delayed answers hurt them (measured: distance-0 accuracy 0.87 -> 0.57 after stage 2), because other facts
+written since the asked one hold values of the same kind, and the tiny base answers with the nearest such value.
+
+The memory shipped with the weights is the one the stage started from (stage 1's, written from filler only),
+not the training STM: that holds training facts, which the tiny model answers from (measured: M+ accuracy at
+distance 0 fell from 0.80 to 0.53 when they reached the LTM). prime_chunks filler chunks then fill its LTM with
+>= K0 rows, so that retrieval works from the first injection (with fewer, the official rule retrieves nothing).
+
 Deviations from the official recipe, for a 2-core budget: questions replace documents as "sentences"; the full
 question is the retrieval query (no random prefix); delays come from a queue of earlier facts rather than the
 pass/empty indicator; the encoder retriever (unused at inference) is not trained.
@@ -22,7 +31,7 @@ Config (TOML, see configs/stage2-tiny.toml and stage3-tiny.toml):
 
     stage = "memory2" | "memory3"
     [train]   init, seed, steps, lr, selector_lr, fact_ratio, fresh_ratio, filler_words, chunk_words,
-              max_delay, out
+              max_delay, out, prime_chunks (optional, default 0)
 """
 from __future__ import annotations
 
@@ -60,6 +69,7 @@ class RecallConfig:
     chunk_words: int
     max_delay: int
     out: Path
+    prime_chunks: int = 0
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RecallConfig":
@@ -71,7 +81,7 @@ class RecallConfig:
                        steps=t["steps"], lr=float(t["lr"]), selector_lr=float(t["selector_lr"]),
                        fact_ratio=float(t["fact_ratio"]), fresh_ratio=float(t["fresh_ratio"]),
                        filler_words=t["filler_words"], chunk_words=t["chunk_words"], max_delay=t["max_delay"],
-                       out=(path.parent / t["out"]).resolve())
+                       prime_chunks=int(t.get("prime_chunks", 0)), out=(path.parent / t["out"]).resolve())
 
 
 def retriever_parameters(model: MPlus) -> list[torch.nn.Parameter]:
@@ -173,8 +183,9 @@ def train(config: RecallConfig, *, max_steps: int | None = None, progress: bool 
                 "drops": state.generator.get_state(), "pending": pending, "step": end}, buffer)
     atomic_write_bytes(resume, buffer.getvalue())
     if end == config.steps:
-        shipped = model.initial_state()  # ships the trained STM with an empty LTM
-        shipped.stm = state.stm.detach().clone()
+        shipped = model.initial_state()  # the memory this stage started from (not the training STM), LTM empty...
+        for _ in range(config.prime_chunks):  # ...primed with filler
+            model.inject(shipped, tokenizer.encode(distractor_chunk(rng, config.chunk_words)).ids, allow_short=True)
         model.save_pretrained(out, shipped)
         (out / "tokenizer.json").write_bytes((config.init / "tokenizer.json").read_bytes())
     return losses
