@@ -2,8 +2,8 @@
 
 Per episode: a fresh person of the test partition (never seen in training; the seed draws new ones), one fact
 about them written into memory at the end of a short chunk, then D filler chunks, then the question. Accuracy
-= the answer is contained in the first line of the greedy reply (at most 16 tokens; the model replies with
-a sentence such as "Talvori Quen lives in Brastow."). The same weights run three ways:
+= the answer is contained in the first line of the greedy reply (at most 16 tokens, stopping at end of text;
+the model replies with a sentence such as "Talvori Quen lives in Brastow."). The same weights run three ways:
 
   * mplus      the full model: dropped STM rows move to the LTM, the retriever brings K0 of them back;
   * memoryllm  the same state with the LTM switched off (state.without_ltm(): same STM, same drops);
@@ -37,8 +37,9 @@ MODELS = ("mplus", "memoryllm", "no_context")
 
 
 def answered(model: MPlus, tokenizer, state, question: str, answer: str) -> bool:
-    """Whether the first line of the greedy reply (at most 16 tokens) contains the answer."""
-    out = model.generate(state, tokenizer.encode(qa_prompt(question)).ids, max_new_tokens=16, stop_ids=())
+    """Whether the first line of the greedy reply (at most 16 tokens, up to the model's end-of-text token)
+    contains the answer."""
+    out = model.generate(state, tokenizer.encode(qa_prompt(question)).ids, max_new_tokens=16)
     return answer in tokenizer.decode(out).split("\n")[0]
 
 

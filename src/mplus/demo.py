@@ -1,10 +1,10 @@
 """`mplus demo`: a story written into memory, buried under filler, asked back: M+ against MemoryLLM.
 
-Meant as the project's main job on the shipped tiny M+ once one is trained that remembers (issue 4); until
-then it runs on any M+ folder given with --model.
+The project's main job (`make demo`), on the shipped tiny M+ (checkpoints/tiny-mplus) or any M+ folder (--model).
 
 1. A story about invented people (from the test partition: the model never saw them) is written into memory,
-   one fact per chunk, then many filler chunks push every fact out of the short-term memory (STM).
+   one fact per chunk and person, one fact of each kind; then many filler chunks push every fact out of the
+   short-term memory (STM).
 2. Each question is answered by M+: the retriever brings rows back from the long-term memory (LTM); the demo
    shows where the fact's rows are now (STM / LTM) and which of them each layer retrieved, with their ages.
 3. The same state with the LTM switched off is MemoryLLM: its STM is identical, and it has forgotten.
@@ -25,16 +25,18 @@ from .mplus_model import MPlus
 from .tokenizer import StreamDecoder
 
 
-def story(rng: random.Random, people: int, facts_each: int, filler_words: int) -> list[dict]:
-    """Facts about `people` fresh test-partition people, each in its own paragraph, in random order."""
+def story(rng: random.Random, facts: int, filler_words: int) -> list[dict]:
+    """`facts` (at most 5) facts, each about another fresh test-partition person and each of another kind (city,
+    number, ...): the tiny model answers with the remembered value of the asked kind, it does not tell people
+    apart (README, Training), so two facts of one kind would test what it cannot do."""
+    if not 1 <= facts <= len(RELATIONS):
+        raise ValueError(f"--facts must be 1..{len(RELATIONS)} (one fact per kind: {', '.join(RELATIONS)})")
     items = []
-    for _ in range(people):
+    for relation in rng.sample(RELATIONS, facts):
         entity = make_entity(rng, draw_name(rng, "test"))
-        for relation in rng.sample(RELATIONS, facts_each):
-            fact, question, answer = fact_example(rng, entity, relation)
-            items.append(dict(fact=fact, question=question, answer=answer,
-                              paragraph=fact_paragraph(rng, fact, filler_words)))
-    rng.shuffle(items)
+        fact, question, answer = fact_example(rng, entity, relation)
+        items.append(dict(fact=fact, question=question, answer=answer,
+                          paragraph=fact_paragraph(rng, fact, filler_words)))
     return items
 
 
@@ -50,8 +52,9 @@ def answer(model: MPlus, tokenizer, state, question: str, label: str) -> str:
     """Stream the greedy answer after `label`; returns it (up to the first line break)."""
     decoder, text = StreamDecoder(tokenizer), ""
     print(f"  {label:>9}: ", end="", flush=True)
-    for token in model.generate_tokens(state, tokenizer.encode(qa_prompt(question)).ids, max_new_tokens=16,
-                                       stop_ids=()):
+    for token in model.generate_tokens(state, tokenizer.encode(qa_prompt(question)).ids, max_new_tokens=16):
+        if token in model.config.eos_token_id:
+            break
         piece = decoder.push(token)
         text += piece.split("\n")[0]
         print(piece.split("\n")[0], end="", flush=True)
@@ -78,8 +81,7 @@ def show_retrieval(model: MPlus, tokenizer, state, question: str, block: torch.T
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="M+ folder (default: the shipped tiny model, checkpoints/tiny-mplus)")
     p.add_argument("--seed", type=int, default=0, help="draws the people, the filler and the drops (default 0)")
-    p.add_argument("--people", type=int, default=3, help="people in the story (default 3)")
-    p.add_argument("--facts", type=int, default=2, help="facts per person (default 2)")
+    p.add_argument("--facts", type=int, default=2, help="facts in the story, one per kind and person (1..5, default 2)")
     p.add_argument("--chunks", type=int, default=100, help="filler chunks after the story (default 100)")
     p.add_argument("--chunk-words", type=int, default=48, help="words per filler chunk (default 48)")
 
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> None:
     tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
     mem = model.memory_config
     rng = random.Random(args.seed)
-    items = story(rng, args.people, min(args.facts, len(RELATIONS)), 12)
+    items = story(rng, args.facts, 12)
     state = model.initial_state(seed=args.seed)
     print(f"Tiny M+ from {folder}: {model.config.num_hidden_layers} layers, d {model.config.hidden_size}; per layer "
           f"an STM of {mem.stm_size} rows, {mem.num_tokens} new rows per chunk, {mem.ltm_retrieved} rows retrieved "
