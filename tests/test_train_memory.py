@@ -74,6 +74,13 @@ def test_placement_in_the_retrieved_zone_uses_the_generation_layout(model):
         assert all(1 <= i <= k0 for i in _block_slots(rows, delta)[l])
 
 
+def test_placement_in_the_retrieved_zone_needs_retrieved_rows():
+    from types import SimpleNamespace
+    model = SimpleNamespace(memory_config=SimpleNamespace(stm_size=32, num_tokens=8, ltm_retrieved=0))
+    with pytest.raises(ValueError, match="num_ltm_blocks"):
+        full_memory_prefix(model, torch.zeros(1, 32, 4), torch.zeros(1, 8, 4), torch.Generator(), Placement(ltm_ratio=0.5))
+
+
 @pytest.mark.parametrize("fresh_only", [False, True])
 def test_gradient_reaches_the_write_adapter_and_the_loss_falls(model, fresh_only):
     params = trainable_parameters(model)

@@ -72,6 +72,9 @@ def full_memory_prefix(model, stm: torch.Tensor, delta: torch.Tensor, g: torch.G
     q = placement.min_keep + (1 - placement.min_keep) * float(torch.rand((), generator=g)) \
         if placement.min_keep < 1 else 1.0
     m = max(1, round(K * q))
+    if placement.ltm_ratio > 0 and k0 < K:
+        raise ValueError(f"ltm_ratio > 0 needs at least K = {K} retrieved rows (num_ltm_blocks >= 1); this memory "
+                         f"retrieves {k0}")
     in_ltm = placement.ltm_ratio > 0 and float(torch.rand((), generator=g)) < placement.ltm_ratio
     rows = []
     for l in range(stm.shape[0]):
