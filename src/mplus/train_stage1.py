@@ -123,10 +123,9 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         if config.stm_filler_words:  # the STM holds filler only: the block will sit among filler rows
-            with torch.no_grad():
-                delta = model.encode(state.stm, torch.tensor(tokenizer.encode(
-                    distractor_chunk(rng, config.stm_filler_words)).ids))
-        model.write(state, delta.detach(), state.generator)  # the memory evolves as at inference
+            model.inject(state, tokenizer.encode(distractor_chunk(rng, config.stm_filler_words)).ids, allow_short=True)
+        else:
+            model.write(state, delta.detach(), state.generator)  # the memory evolves as at inference
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     buffer = io.BytesIO()
