@@ -16,12 +16,10 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
-# The project's reference material: ../shared beside the checkout (as in CI), or $MPLUS_SHARED.
-SHARED = Path(os.environ.get("MPLUS_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-OFFICIAL_TINY = SHARED / "fixtures" / "official-mplus-tiny"
-if not OFFICIAL_TINY.is_dir():
-    raise RuntimeError(f"the official M+ fixtures are not at {OFFICIAL_TINY}; put the shared/ folder beside the "
-                       "checkout or set MPLUS_SHARED")
+# Outputs of the official M+ and MemoryLLM classes on tiny checkpoints (each folder's README says how they were made).
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+OFFICIAL_TINY = FIXTURES / "official-mplus-tiny"
+OFFICIAL_MEMORYLLM_TINY = FIXTURES / "official-memoryllm-tiny"
 
 
 @pytest.fixture(scope="session")
