@@ -10,7 +10,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 export MPLUS_CACHE ?= $(CURDIR)/.cache/mplus
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo demo-llama test test-slow test-all bench bench-retention train-tiny venv fetch clean
+.PHONY: demo demo-llama test test-slow test-all bench bench-retention bench-soak train-tiny venv fetch clean
 
 venv: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ train-tiny: venv
 # The retention curve of checkpoints/tiny-mplus: docs/retention.csv and docs/retention.svg.
 bench-retention: venv
 	$(VENV)/bin/mplus bench retention --seed 0 --out docs/retention.csv
+
+# 10,000 filler injections into one state of checkpoints/tiny-mplus: a row of time, RSS, STM/LTM/cache sizes and
+# non-finite values every 1,000; fails on NaN/inf or an RSS that keeps growing.
+bench-soak: venv
+	$(VENV)/bin/mplus bench soak --seed 0
 
 test: fetch
 	$(PY) -m pytest -q -m "not slow"

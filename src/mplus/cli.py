@@ -187,6 +187,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "retention":
         from .bench_retention import main as bench_retention
         raise SystemExit(bench_retention(args.rest))
+    if args.what == "soak":
+        from .bench_soak import main as bench_soak
+        raise SystemExit(bench_soak(args.rest))
     raise CliError("`mplus bench llama` compares against transformers, a test-only dependency: "
                    "run `make bench` (bench/llama.py) instead")
 
@@ -286,11 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks: `mplus bench retention` (how long M+ remembers), "
-                                     "`mplus bench memory` (STM key/value cache, retrieval scaling)",
+                                     "`mplus bench memory` (STM key/value cache, retrieval scaling), "
+                                     "`mplus bench soak` (10,000 injections: time, RSS, memory sizes, NaN)",
                        description="Run a benchmark; options after the name go to it (e.g. `mplus bench memory --help`).")
-    p.add_argument("what", choices=["retention", "memory", "llama"],
+    p.add_argument("what", choices=["retention", "memory", "soak", "llama"],
                    help="retention: accuracy against distance, M+ vs MemoryLLM; memory: M+ speed figures; "
-                        "llama: see `make bench`")
+                        "soak: many injections into one state; llama: see `make bench`")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark")
     p.set_defaults(func=cmd_bench)
     return parser
