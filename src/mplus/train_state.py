@@ -85,8 +85,8 @@ def resume(folder: Path, run: Run, steps: int,
     path = folder / FILE
     if (folder / LEGACY_FILE).exists():
         raise TrainStateError(f"{folder / LEGACY_FILE} is a resume file from an older mplus, in torch.save's "
-                              "format, which mplus no longer loads because loading it can run any code; delete it (or the "
-                              "whole run folder) to train this stage again from step 0")
+                              "format, which mplus no longer loads because loading it can run any code; delete it "
+                              "(or the whole run folder) to train this stage again from step 0")
     if not path.exists():
         return 0, None
     try:
