@@ -1,5 +1,6 @@
 """Base pretraining on the fact corpus: the loss falls, runs are deterministic, and resuming equals not stopping."""
 import torch
+from safetensors.torch import load_file
 
 from mplus.train_base import BaseTrainConfig, train
 
@@ -49,9 +50,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     first = train(split, max_steps=17, progress=False)
     rest = train(split, progress=False)
     assert first + rest == whole
-    one = torch.load(tmp_path / "once" / "run" / "train_state.pt", weights_only=False)["model"]
-    two = torch.load(tmp_path / "twice" / "run" / "train_state.pt", weights_only=False)["model"]
-    assert all(torch.equal(one[k], two[k]) for k in one)
+    one = load_file(tmp_path / "once" / "run" / "train_state.safetensors")  # weights, Adam moments, generator
+    two = load_file(tmp_path / "twice" / "run" / "train_state.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
 def test_answer_weight_marks_exactly_the_answer_tokens(tmp_path):

@@ -8,12 +8,14 @@ import sys
 import pytest
 import tokenizers
 import torch
+from safetensors.torch import load_file
 
 from mplus import MPlus
 from mplus.bench_retention import run
 from mplus.ltm import copies_of
 from mplus.train_base import BaseTrainConfig, train as train_base
-from mplus.train_recall import RecallConfig, train
+from mplus.train_recall import RecallConfig, pending_from, train
+from mplus.train_state import TrainStateError
 from mplus.train_stage1 import Stage1Config, train as train_stage1
 from test_train_base import CONFIG as BASE
 from test_train_stage1 import STAGE1
@@ -59,7 +61,10 @@ def test_stages_2_and_3_run_deterministically_and_resume(runs):
     assert all(math.isfinite(x) for x in s2 + once) and any(x > 0 for x in s2)
     (folder / "split.toml").write_text(RECALL.format(stage="memory3", init="s2", steps=20, delay=24, out="split"))
     split = RecallConfig.from_toml(folder / "split.toml")  # a second run, stopped and resumed: same losses
-    assert train(split, max_steps=9, progress=False) + train(split, progress=False) == once
+    first = train(split, max_steps=9, progress=False)
+    saved = load_file(folder / "split" / "train_state.safetensors")  # the stop falls with questions pending, LTM full
+    assert "extra.pending.0.block" in saved and saved["memory.ltm.0"].shape[0] > 0
+    assert first + train(split, progress=False) == once
     a, b = (MPlus.from_pretrained(folder / n) for n in ("once", "split"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     # the retriever trained: its weights moved away from the stage-2 ones
@@ -132,3 +137,35 @@ def test_retriever_loss_is_the_balanced_bce():
     want = (-torch.log(w[0] + 1e-5) + (-torch.log(1 - w[1:] + 1e-5)).mean()) / 2
     got = retriever_loss(model, [{"layer_input": q}], stm, labels, query_len=2)
     assert torch.allclose(got, want)
+
+
+def _fake_model():
+    from types import SimpleNamespace
+    return SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2, hidden_size=4, vocab_size=50),
+                           memory_config=SimpleNamespace(num_tokens=3), dtype=torch.float32)
+
+
+def _pending(**changes):
+    tensors = {"pending.0.block": torch.ones(2, 3, 4), "pending.0.sentence": torch.tensor([5, 6, 49]),
+               "pending.0.targets": torch.tensor([False, True, True])}
+    return {**tensors, **changes}
+
+
+def test_pending_questions_come_back_with_their_query_length():
+    got = pending_from(_pending(), {"pending_steps": [7]}, _fake_model())
+    assert len(got) == 1 and got[0]["query_len"] == 1 and got[0]["step"] == 7
+    assert torch.equal(got[0]["sentence"], torch.tensor([5, 6, 49]))
+
+
+@pytest.mark.parametrize("tensors, meta, message", [
+    (_pending(), {"pending_steps": "7"}, "not a list of integers"),
+    (_pending(), {"pending_steps": [7, 8]}, "pending.1.block is missing"),
+    (_pending(), {"pending_steps": []}, "unexpected tensors: pending.0.block"),
+    (_pending(**{"pending.0.block": torch.ones(2, 4, 4)}), {"pending_steps": [7]}, "block has shape"),
+    (_pending(**{"pending.0.sentence": torch.tensor([5, 6, 50])}), {"pending_steps": [7]}, "outside this model's"),
+    (_pending(**{"pending.0.targets": torch.tensor([True, True])}), {"pending_steps": [7]}, "targets has shape"),
+    (_pending(**{"pending.0.sentence": torch.tensor([5., 6., 7.])}), {"pending_steps": [7]}, "dtype torch.float32"),
+])
+def test_damaged_pending_questions_are_refused(tensors, meta, message):
+    with pytest.raises(TrainStateError, match=message):
+        pending_from(tensors, meta, _fake_model())

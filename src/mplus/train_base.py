@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import math
 import re
 import tomllib
@@ -38,9 +37,9 @@ from tqdm import tqdm
 
 from .config import ConfigError, LlamaConfig, RopeScaling
 from .facts import corpus
-from .io import atomic_write_bytes
 from .model import Llama
 from .tokenizer_train import save_tokenizer, train_tokenizer
+from .train_state import Run, resume, save
 
 EOS = 1  # tokenizer_train's <|eos|>
 
@@ -168,14 +167,8 @@ def train(config: BaseTrainConfig, *, max_steps: int | None = None, progress: bo
     model = init_model(config).train()
     optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(config.seed + 1)
-    step = 0
-    resume = out / "train_state.pt"
-    if resume.exists():
-        saved = torch.load(resume, weights_only=False)
-        model.load_state_dict(saved["model"])
-        optim.load_state_dict(saved["optim"])
-        g.set_state(saved["generator"])
-        step = saved["step"]
+    run = Run(dict(model.named_parameters()), optim, {"batches": g})
+    step, _ = resume(out, run, config.steps)
     end = config.steps if max_steps is None else min(config.steps, step + max_steps)
     losses = []
     bar = tqdm(range(step, end), desc="base pretraining", initial=step, total=config.steps, disable=not progress)
@@ -192,14 +185,8 @@ def train(config: BaseTrainConfig, *, max_steps: int | None = None, progress: bo
         optim.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    _checkpoint(model, optim, g, end, resume)
+    save(out, run, end)
     if end == config.steps:
         model.save_pretrained(out)
     return losses
 
-
-def _checkpoint(model: Llama, optim, g: torch.Generator, step: int, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "generator": g.get_state(),
-                "step": step}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())

@@ -36,7 +36,6 @@ Config (TOML, see configs/stage2-tiny.toml and stage3-tiny.toml):
 from __future__ import annotations
 
 import dataclasses
-import io
 import random
 from pathlib import Path
 
@@ -46,13 +45,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .facts import distractor_chunk
-from .io import atomic_write_bytes
 from .ltm import copies_of
 from .mplus_model import MPlus
-from .state import MemoryState
 from .train_base import config_fields, read_stage_config
 from .train_memory import stage1_loss, trainable_parameters
 from .train_stage1 import fact_example
+from .train_state import Run, TrainStateError, check_tensor, named, resume, save
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +118,28 @@ def delayed_loss(model: MPlus, state, target: dict) -> tuple[torch.Tensor, torch
     return answer, retriever_loss(model, record, state.stm, labels, n_query)
 
 
+PENDING = ("block", "sentence", "targets")  # the tensors of a question waiting to be asked, saved on a stop
+
+
+def pending_from(tensors: dict[str, torch.Tensor], meta: dict, model: MPlus) -> list[dict]:
+    """The questions waiting to be asked, from a resume file (train_state.save's extras), checked for this model."""
+    steps = meta.get("pending_steps")
+    if not (isinstance(steps, list) and all(type(s) is int for s in steps)):
+        raise TrainStateError(f"its pending question steps {steps!r} are not a list of integers")
+    if stray := sorted(tensors.keys() - {f"pending.{i}.{k}" for i in range(len(steps)) for k in PENDING}):
+        raise TrainStateError(f"unexpected tensors: {', '.join(stray[:4])}")
+    L, K, d = model.config.num_hidden_layers, model.memory_config.num_tokens, model.config.hidden_size
+    pending = []
+    for i, s in enumerate(steps):
+        block = check_tensor(tensors, f"pending.{i}.block", model.dtype, [L, K, d])
+        sentence = check_tensor(tensors, f"pending.{i}.sentence", torch.int64, [None])
+        targets = check_tensor(tensors, f"pending.{i}.targets", torch.bool, [len(sentence)])
+        if not (len(sentence) and 0 <= sentence.min() and sentence.max() < model.config.vocab_size):
+            raise TrainStateError(f"pending question {i} is empty or has token ids outside this model's vocabulary")
+        pending.append(dict(block=block, sentence=sentence, targets=targets, query_len=int((~targets).sum()), step=s))
+    return pending
+
+
 def train(config: RecallConfig, *, max_steps: int | None = None, progress: bool = True) -> list[float]:
     """Run (or resume) stage 2 or 3; returns the losses of the steps run now. Writes an official-layout M+ folder."""
     out = config.out
@@ -133,19 +153,10 @@ def train(config: RecallConfig, *, max_steps: int | None = None, progress: bool 
     state = model.initial_state(seed=config.seed)
     if not config.ltm:
         state = state.without_ltm()
-    rng, g, step, pending = random.Random(config.seed), torch.Generator().manual_seed(config.seed + 1), 0, []
-    resume = out / "train_state.pt"
-    if resume.exists():
-        saved = torch.load(resume, weights_only=False)
-        with torch.no_grad():
-            for p, value in zip(params + selector, saved["params"]):
-                p.copy_(value)
-        optim.load_state_dict(saved["optim"])
-        rng.setstate(saved["rng"])
-        g.set_state(saved["generator"])
-        drops = torch.Generator()
-        drops.set_state(saved["drops"])
-        state, pending, step = MemoryState(**saved["memory"], generator=drops), saved["pending"], saved["step"]
+    rng, g = random.Random(config.seed), torch.Generator().manual_seed(config.seed + 1)
+    run = Run(named(model, params + selector), optim, {"examples": g}, rng, state)
+    step, pending = resume(out, run, config.steps, lambda tensors, meta: pending_from(tensors, meta, model))
+    pending = pending or []
     end = config.steps if max_steps is None else min(config.steps, step + max_steps)
     losses = []
     bar = tqdm(range(step, end), desc=f"stage {3 if config.ltm else 2}", initial=step, total=config.steps,
@@ -176,12 +187,8 @@ def train(config: RecallConfig, *, max_steps: int | None = None, progress: bool 
             optim.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
-    memory = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name not in ("generator", "stm_kv")}
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach() for p in params + selector], "optim": optim.state_dict(),
-                "rng": rng.getstate(), "generator": g.get_state(), "memory": memory,
-                "drops": state.generator.get_state(), "pending": pending, "step": end}, buffer)
-    atomic_write_bytes(resume, buffer.getvalue())
+    save(out, run, end, {f"pending.{i}.{k}": t[k] for i, t in enumerate(pending) for k in PENDING},
+         {"pending_steps": [t["step"] for t in pending]})
     if end == config.steps:
         shipped = model.initial_state()  # the memory this stage started from (not the training STM), LTM empty...
         for _ in range(config.prime_chunks):  # ...primed with filler

@@ -24,7 +24,6 @@ Config (TOML, see configs/stage1-tiny.toml):
 from __future__ import annotations
 
 import dataclasses
-import io
 import random
 from pathlib import Path
 
@@ -33,11 +32,11 @@ import torch
 from tqdm import tqdm
 
 from .facts import distractor_chunk, fact_paragraph, qa_prompt, recall_episode
-from .io import atomic_write_bytes
 from .memory_config import MemoryConfig
 from .mplus_model import MPlus
 from .train_base import config_fields, read_stage_config
 from .train_memory import Placement, stage1_loss, trainable_parameters
+from .train_state import Run, named, resume, save
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,17 +98,8 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
     optim = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     state = model.initial_state(seed=config.seed).without_ltm()
     rng, g, step = random.Random(config.seed), torch.Generator().manual_seed(config.seed + 1), 0
-    resume = out / "train_state.pt"
-    if resume.exists():
-        saved = torch.load(resume, weights_only=False)
-        with torch.no_grad():
-            for p, value in zip(params, saved["params"]):
-                p.copy_(value)
-        optim.load_state_dict(saved["optim"])
-        rng.setstate(saved["rng"])
-        g.set_state(saved["generator"])
-        state.generator.set_state(saved["drops"])
-        state.stm, state.stm_ages, step = saved["stm"], saved["stm_ages"], saved["step"]
+    run = Run(named(model, params), optim, {"examples": g}, rng, state)
+    step, _ = resume(out, run, config.steps)
     end = config.steps if max_steps is None else min(config.steps, step + max_steps)
     losses = []
     bar = tqdm(range(step, end), desc="stage 1", initial=step, total=config.steps, disable=not progress)
@@ -128,11 +118,7 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
             model.write(state, delta.detach(), state.generator)  # the memory evolves as at inference
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach() for p in params], "optim": optim.state_dict(), "rng": rng.getstate(),
-                "generator": g.get_state(), "drops": state.generator.get_state(), "stm": state.stm,
-                "stm_ages": state.stm_ages, "step": end}, buffer)
-    atomic_write_bytes(resume, buffer.getvalue())
+    save(out, run, end)
     if end == config.steps:
         model.checkpoint_state.stm = state.stm.detach().clone()
         model.save_pretrained(out)
