@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -141,6 +143,8 @@ def test_fingerprint_follows_the_weights():
     a, b = MPlus.from_pretrained(FIXTURE), MPlus.from_pretrained(FIXTURE, dtype=torch.bfloat16)
     fp = weights_fingerprint(a)
     assert len(fp) == 64 and fp == weights_fingerprint(b)  # the fixture's values are float32; bf16 rounds them
+    with torch.inference_mode():  # parameters without a version counter
+        assert weights_fingerprint(MPlus.from_pretrained(FIXTURE)) == fp
     with torch.no_grad():
         a.model.layers[1].mlp.up_proj.lora_B["default"].weight[0, 0] += 0.25  # one value of one adapter
     assert weights_fingerprint(a) not in (fp, weights_fingerprint(b))  # the cache saw the in-place change
@@ -186,3 +190,29 @@ def test_checkpoint_with_an_impossible_memory(tmp_path, edit, message):
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(StateError, match="the memory stored with this checkpoint is unusable: " + message):
         MPlus.from_pretrained(folder)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                    max_leaves=8)
+
+
+FIELDS = ("format", "version", "kind", "num_layers", "stm_shape", "dtype", "key_dim", "key_dtype", "ltm_sizes",
+          "cache_sizes", "update_step", "generator_device", "weights", "hmac")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["mplus", "memoryllm"]), edits=st.dictionaries(
+    st.sampled_from(FIELDS), st.none() | JSON, min_size=1, max_size=3))
+def test_any_re_hashed_header_loads_or_is_a_state_error(tmp_path, kind, edits):
+    """Any field replaced by any JSON value (None: removed), the checksum recomputed: StateError or a valid state."""
+    path = tmp_path / f"{kind}.safetensors"
+    make_state(kind).save(path)
+    edit = lambda m: [m.pop(k, None) if v is None else m.update({k: v}) for k, v in edits.items()]  # noqa: E731
+    rewrite(path, edit_meta=edit, rehash=True)
+    spec = {"kind": kind, "num_layers": 3, "num_stm_rows": 6, "hidden_size": 8, "dtype": torch.float32,
+            "key_dim": 4 if kind == "mplus" else None, "weights": "0" * 64}
+    try:
+        load_state(path, spec)
+    except StateError:
+        pass

@@ -23,7 +23,8 @@ CACHE_ATTR = "_mplus_weights_fingerprint"  # (key, digest) kept on the model
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """The sha256 hex digest of the model's parameters (see the module docstring); cached until they change."""
     params = list(model.named_parameters())
-    key = tuple((name, p.data_ptr(), p._version, p.dtype, p.device) for name, p in params)
+    # Inference tensors (a model built under torch.inference_mode) keep no version counter: only their storage counts.
+    key = tuple((name, p.data_ptr(), None if p.is_inference() else p._version, p.dtype, p.device) for name, p in params)
     cached = getattr(model, CACHE_ATTR, None)
     if cached is not None and cached[0] == key:
         return cached[1]

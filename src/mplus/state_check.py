@@ -47,13 +47,13 @@ def check_layout(tensors: dict[str, torch.Tensor], meta: dict) -> None:
          "the random generator's device is not recorded")
     for field in ("weights", "hmac"):  # the fingerprint and the signature
         need(meta.get(field) is None or _hex(meta[field]), f"the {field} field is not a sha256 hex digest")
-    need(meta.get("dtype") in FLOAT_DTYPES, f"the STM dtype must be floating point, got {meta.get('dtype')!r}")
+    need(_name(meta.get("dtype")) in FLOAT_DTYPES, f"the STM dtype must be floating point, got {meta.get('dtype')!r}")
     dtype = FLOAT_DTYPES[meta["dtype"]]
     expected = {"stm": (dtype, [L, N, d]), "stm_ages": (torch.int64, [L, N]), "generator_state": (torch.uint8, None)}
     if meta["kind"] == "mplus":
         d_s, S, c = meta.get("key_dim"), meta.get("ltm_sizes"), meta.get("cache_sizes")
         need(ints([d_s], 1, 1), f"key_dim must be an integer >= 1, got {d_s!r}")
-        need(meta.get("key_dtype") in FLOAT_DTYPES, f"key dtype must be floating point, got {meta.get('key_dtype')!r}")
+        need(_name(meta.get("key_dtype")) in FLOAT_DTYPES, f"key dtype must be floating point, got {meta.get('key_dtype')!r}")
         need(ints(S, L, 0) and ints(c, L, 0), f"ltm_sizes and cache_sizes must list {L} row counts, got {S}, {c}")
         need(all(n == step for n in c), f"the dropped-row cache must hold the update_step = {step} rows written "
              f"since the last merge in every layer, but holds {c}")
@@ -125,6 +125,10 @@ def _all(t: torch.Tensor, ok: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     """Whether ok(x) (elementwise) holds everywhere in t, checked a chunk at a time."""
     flat = t.reshape(-1)
     return all(bool(ok(flat[i:i + CHUNK]).all()) for i in range(0, flat.numel(), CHUNK))
+
+
+def _name(x) -> str | None:  # a JSON string, else None: a list or object cannot be looked up in a dict
+    return x if type(x) is str else None
 
 
 def _hex(x) -> bool:
