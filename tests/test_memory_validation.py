@@ -113,6 +113,10 @@ def test_signature_refuses_other_writers(tmp_path):
     with pytest.raises(StateError, match="signature does not match the key"):
         MemoryState.load(path, key=KEY)
     make_state().save(path, key=KEY)  # edited and re-hashed: the signature of the old sha256 no longer fits
+    rewrite(path, edit_meta=lambda m: m.update(hmac="é" * 64), rehash=True)  # not even hex (compare_digest: ASCII)
+    with pytest.raises(StateError, match="signature does not match the key"):
+        MemoryState.load(path, key=KEY)
+    make_state().save(path, key=KEY)
     rewrite(path, edit_tensors=put("ltm.0", (0, 0), 0.5), rehash=True)
     load_state(path)  # integrity alone cannot tell
     with pytest.raises(StateError, match="signature does not match the key"):

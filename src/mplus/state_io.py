@@ -88,7 +88,7 @@ def load_state(path: str | os.PathLike, expect: Mapping | object | None = None,
     if meta.get("sha256") != _digest(meta, tensors):
         raise _damaged(path, "the checksum does not match: the file was modified or corrupted after it was saved")
     if key is not None and not (type(meta.get("hmac")) is str
-                                and hmac.compare_digest(meta["hmac"], _sign(key, meta["sha256"]))):
+                                and hmac.compare_digest(meta["hmac"].encode(), _sign(key, meta["sha256"]).encode())):
         raise StateError(f"{path}: {'the signature does not match the key' if 'hmac' in meta else 'not signed'}: "
                          "this file was not saved with this key (or was changed and re-hashed since); refuse it, "
                          "or save the state again with MemoryState.save(path, key=...)")
