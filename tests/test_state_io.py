@@ -18,7 +18,8 @@ from mplus.state import MemoryState
 from mplus.state_io import StateError, describe_state, load_state, save_state
 
 L, N, D, D_S = 3, 6, 8, 4
-LTM_SIZES, CACHE_SIZES = (5, 0, 7), (2, 3, 0)  # a 0-row LTM layer and a 0-row cache layer
+STEP = 3  # update_step: memory tokens written since the last merge, so the cache holds STEP rows in every layer
+LTM_SIZES, CACHE_SIZES = (5, 0, 7), (STEP,) * L  # a 0-row LTM layer
 FILE_PROBLEMS = HealthCheck.function_scoped_fixture  # the tests only overwrite one file in tmp_path
 
 
@@ -33,7 +34,7 @@ def make_state(kind: str = "mplus", dtype: torch.dtype = torch.float32, seed: in
         ltm=[rows(s, D) for s in LTM_SIZES], ltm_keys=[rows(s, D_S) for s in LTM_SIZES],
         ltm_ages=[ages(s) for s in LTM_SIZES], ltm_rf=[torch.rand(s, dtype=torch.float64) * 10 for s in LTM_SIZES],
         cache_rows=[rows(c, D) for c in CACHE_SIZES], cache_keys=[rows(c, D_S) for c in CACHE_SIZES],
-        cache_ages=[ages(c) for c in CACHE_SIZES], update_step=1280, generator=g)
+        cache_ages=[ages(c) for c in CACHE_SIZES], update_step=STEP, generator=g)
     return state if kind == "mplus" else state.without_ltm()
 
 
@@ -102,6 +103,7 @@ def test_tensors_that_share_memory(tmp_path):
     same = torch.randn(4, D)
     state.cache_rows, state.cache_keys = [same] * L, [torch.randn(4, D_S)] * L
     state.cache_ages = list(torch.arange(3 * L * 4).view(3, L, 4)[1])  # rows of the middle of a bigger tensor
+    state.update_step = 4  # the 4 cached rows
     state.save(tmp_path / "s.safetensors")
     assert_same(state, MemoryState.load(tmp_path / "s.safetensors"))
 
@@ -110,8 +112,8 @@ def test_metadata_describes_the_state(saved):
     _, path, _ = saved
     with safe_open(path, "pt") as f:
         meta = json.loads(f.metadata()[state_io.META_KEY])
-    assert meta["format"] == "mplus-state" and meta["version"] == 1 and meta["kind"] == "mplus"
-    assert meta["stm_shape"] == [L, N, D] and meta["key_dim"] == D_S and meta["update_step"] == 1280
+    assert meta["format"] == "mplus-state" and meta["version"] == 2 and meta["kind"] == "mplus"
+    assert meta["stm_shape"] == [L, N, D] and meta["key_dim"] == D_S and meta["update_step"] == STEP
     assert meta["ltm_sizes"] == list(LTM_SIZES) and meta["cache_sizes"] == list(CACHE_SIZES)
     assert meta["dtype"] == "float32" and len(meta["sha256"]) == 64
 
@@ -207,8 +209,8 @@ def test_inconsistent_file_with_a_valid_hash(saved, edit, message):
 
 def test_other_format_version(saved):
     _, path, _ = saved
-    rewrite(path, edit_meta=lambda m: m.update(version=2), rehash=True)
-    with pytest.raises(StateError, match="version 2.*reads version 1"):
+    rewrite(path, edit_meta=lambda m: m.update(version=3), rehash=True)
+    with pytest.raises(StateError, match="version 3.*reads versions 1, 2"):
         load_state(path)
 
 
@@ -282,7 +284,7 @@ def test_describe_shows_the_sizes():
     print(text)
     lines = text.splitlines()
     assert lines[0].startswith(f"M+ memory state: {L} layers, STM {N} rows x d={D} (float32), retriever keys d_s={D_S}")
-    assert "update_step 1280" in lines[0]
+    assert f"update_step {STEP}" in lines[0]
     for l in range(L):  # layer, STM rows, ..., LTM rows, ..., cache rows
         cells = lines[2 + l].split()
         assert cells[:2] == [str(l), str(N)] and cells[-1] == str(CACHE_SIZES[l]) and str(LTM_SIZES[l]) in cells

@@ -18,7 +18,8 @@ from .io import atomic_write_text
 from .lora import READ, WRITE, LoRALinear
 from .memory_config import MemoryConfig
 from .packing import materialize
-from .state import MemoryState
+from .state import MemoryState, StateError
+from .state_check import check_stored
 from .weights import checkpoint_index, load_state_into, read_tensors, save_state
 
 STATE_KEYS = ("memory", "initialized")  # MemoryLLM's `initialized` buffer is informational
@@ -79,9 +80,12 @@ def _stored_state(model, folder: Path) -> MemoryState:
     names = ["memory"] + ([f"{k}.{l}" for k in ("ltm", "ltm_keys", "ltm_ages", "ltm_recall_frequencies")
                            for l in range(n_layers)] if mem.kind == "mplus" else [])
     t = read_tensors(folder, names)
+    try:  # lengths, dtypes and values, before any conversion: a bad memory fails here, not injections later
+        check_stored(t, mem.kind, (n_layers, mem.stm_size, d), mem.selector_hidden_dim)
+    except StateError as e:
+        raise StateError(f"{folder}: the memory stored with this checkpoint is unusable: {e}; use an intact "
+                         "copy of the checkpoint") from None
     stm = t["memory"]
-    if tuple(stm.shape) != (n_layers, mem.stm_size, d):
-        raise ConfigError(f"'memory' has shape {tuple(stm.shape)}, the config implies {(n_layers, mem.stm_size, d)}")
     if mem.kind != "mplus":
         return new_state(model, stm.to(model.dtype), None, None, None, None)
 

@@ -30,6 +30,7 @@ from .memory_config import MemoryConfig
 from .model import Decoder
 from .retriever import projector, select
 from .rope import inv_freq_for, rope_cos_sin
+from .fingerprint import weights_fingerprint
 from .state import MemoryState
 
 MIN_CHUNK = 16  # the shortest chunk the official training ever injected
@@ -87,6 +88,7 @@ class MPlus(nn.Module):
         """A copy of the memory stored with the weights; `seed` seeds the generator of its STM drops."""
         state = self.checkpoint_state.copy()
         state.generator.manual_seed(seed)
+        state.weights = weights_fingerprint(self)  # saved with the state: a load into other weights is refused
         return state
 
     def state_spec(self) -> dict:
@@ -94,7 +96,8 @@ class MPlus(nn.Module):
         mem = self.memory_config
         return {"num_layers": self.config.num_hidden_layers, "num_stm_rows": mem.stm_size,
                 "hidden_size": self.config.hidden_size, "kind": mem.kind, "dtype": self.dtype,
-                "key_dim": mem.selector_hidden_dim if mem.kind == "mplus" else None}
+                "key_dim": mem.selector_hidden_dim if mem.kind == "mplus" else None,
+                "weights": weights_fingerprint(self)}
 
     def save_pretrained(self, path: str | Path, state: MemoryState | None = None) -> None:
         """Write the official layout: config.json and model.safetensors with weights, `memory` and the LTM.

@@ -13,6 +13,11 @@ import dataclasses
 import torch
 
 
+class StateError(ValueError):
+    """A memory-state file that is missing, damaged, unsigned or made for a different model, or a state that
+    cannot be saved. Every memory loader raises it (state files and the memory stored in a checkpoint)."""
+
+
 @dataclasses.dataclass
 class MemoryState:
     """STM, LTM and the dropped-row cache of every layer, plus the counters and random generator of updates.
@@ -32,6 +37,9 @@ class MemoryState:
     cache_ages: list[torch.Tensor] | None  # L x [c_l] int64
     update_step: int  # memory tokens written since the last merge
     generator: torch.Generator  # draws the STM drops (torch.randperm), so a saved state resumes identically
+    # The fingerprint of the weights that wrote this memory (mplus.fingerprint), saved in the file's header so
+    # that a load into another model of the same shape is refused; None when unknown.
+    weights: str | None = None
     # Derived, never saved: per-layer STM keys/values for the read adapter, valid until the next update.
     stm_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = dataclasses.field(default=None, repr=False)
 
@@ -52,7 +60,7 @@ class MemoryState:
             stm=self.stm.clone(), stm_ages=self.stm_ages.clone(), ltm=clone(self.ltm), ltm_keys=clone(self.ltm_keys),
             ltm_ages=clone(self.ltm_ages), ltm_rf=clone(self.ltm_rf), cache_rows=clone(self.cache_rows),
             cache_keys=clone(self.cache_keys), cache_ages=clone(self.cache_ages), update_step=self.update_step,
-            generator=g, stm_kv=None)
+            generator=g, weights=self.weights, stm_kv=None)
 
     def without_ltm(self) -> "MemoryState":
         """A copy that behaves as MemoryLLM: the same STM, no long-term memory (dropped rows are forgotten)."""
@@ -61,18 +69,20 @@ class MemoryState:
         return s
 
     # Saving, loading and describing live in state_io; imported lazily because state_io imports this module.
-    def save(self, path) -> None:
-        """Write this state to one safetensors file (see mplus.state_io.save_state)."""
+    def save(self, path, key: bytes | None = None) -> None:
+        """Write this state to one safetensors file, signed with HMAC-SHA256 under `key` if given
+        (see mplus.state_io.save_state and docs/memory-files.md)."""
         from .state_io import save_state
 
-        save_state(self, path)
+        save_state(self, path, key=key)
 
     @classmethod
-    def load(cls, path, expect=None) -> "MemoryState":
-        """A new state read from a file written by save (see mplus.state_io.load_state for `expect`)."""
+    def load(cls, path, expect=None, key: bytes | None = None) -> "MemoryState":
+        """A new state read from a file written by save; with `key`, only a file signed with that key loads
+        (see mplus.state_io.load_state for `expect`)."""
         from .state_io import load_state
 
-        return load_state(path, expect)
+        return load_state(path, expect, key=key)
 
     def describe(self, bins: int = 8) -> str:
         """A short text summary: sizes, dtype and per-layer age histograms (see mplus.state_io.describe_state)."""

@@ -3,14 +3,18 @@
 Tensors: `stm` [L, N, d], `stm_ages` [L, N], `generator_state` (uint8) and, for M+ only, per layer l:
 `ltm.{l}` [S_l, d], `ltm_keys.{l}` [S_l, d_s], `ltm_ages.{l}` [S_l], `ltm_rf.{l}` [S_l], `cache_rows.{l}` [c_l, d],
 `cache_keys.{l}` [c_l, d_s], `cache_ages.{l}` [c_l]. The safetensors metadata holds one JSON document under
-"mplus_state": format, version, kind, sizes, dtypes, update_step, and a sha256 over that document and every tensor
-(name, dtype, shape, bytes), so an edited byte anywhere in the file is detected.
+"mplus_state": format, version, kind, sizes, dtypes, update_step, the fingerprint of the weights that wrote the
+memory (mplus.fingerprint), a sha256 over that document and every tensor (name, dtype, shape, bytes), so an
+edited byte anywhere in the file is detected, and, when saved with a key, an HMAC-SHA256 of that sha256, so only
+a holder of the key can write a file that loads with it. docs/memory-files.md describes the format for users.
 
-Loading checks everything before it builds a new state, so a failed load leaves the caller's state as it was.
+Loading checks everything before it builds a new state (mplus.state_check: layout, then values), so a failed
+load leaves the caller's state as it was and a loaded state holds only what an update could have written.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 from collections.abc import Mapping
@@ -21,23 +25,26 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .io import atomic_path
-from .state import MemoryState
+from .state import MemoryState, StateError
+from .state_check import PER_LAYER, ROWS, check_layout, check_values
 
-FORMAT, VERSION, META_KEY = "mplus-state", 1, "mplus_state"
-PER_LAYER = ("ltm", "ltm_keys", "ltm_ages", "ltm_rf", "cache_rows", "cache_keys", "cache_ages")  # M+-only fields
-CAST = ("stm", "ltm", "ltm_keys", "cache_rows", "cache_keys")  # the tensors in the model's dtype
-EXPECT_FIELDS = ("kind", "num_layers", "num_stm_rows", "hidden_size", "key_dim", "dtype")
-FLOAT_DTYPES = {str(t).removeprefix("torch."): t for t in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+__all__ = ["StateError", "describe_state", "load_state", "save_state"]
+
+FORMAT, VERSION, META_KEY = "mplus-state", 2, "mplus_state"
+READS = (1, 2)  # version 2 added the weights fingerprint and the keyed signature; a version-1 file has neither
+MAX_HEADER = 1 << 20  # bytes of the JSON document; a real one is a few hundred
+META_FIELDS = {"format", "version", "kind", "num_layers", "stm_shape", "dtype", "key_dim", "key_dtype", "ltm_sizes",
+               "cache_sizes", "update_step", "generator_device", "weights", "sha256", "hmac"}
+EXPECT_FIELDS = ("kind", "num_layers", "num_stm_rows", "hidden_size", "key_dim", "dtype")  # "weights" is optional
+MIN_KEY = 16  # bytes; secrets.token_bytes(32) is the way to make one
 
 
-class StateError(ValueError):
-    """A memory-state file that is missing, damaged or made for a different model, or a state that cannot be saved."""
-
-
-def save_state(state: MemoryState, path: str | os.PathLike) -> None:
-    """Write `state` (without the derived stm_kv) to `path` atomically: a crash mid-write keeps the old file."""
+def save_state(state: MemoryState, path: str | os.PathLike, key: bytes | None = None) -> None:
+    """Write `state` (without the derived stm_kv) to `path` atomically: a crash mid-write keeps the old file.
+    With `key` (bytes, >= 16), the file is signed: load_state(path, key=key) then accepts only this writer's files."""
+    _check_key(key)
     tensors = _tensors(state)
-    keys = tensors.get("ltm_keys.0")  # d_s is the same in every layer; _check verifies
+    keys = tensors.get("ltm_keys.0")  # d_s is the same in every layer; check_layout verifies
     meta = {
         "format": FORMAT, "version": VERSION, "kind": "mplus" if state.has_ltm else "memoryllm",
         "num_layers": len(state.stm), "stm_shape": list(state.stm.shape),
@@ -47,20 +54,28 @@ def save_state(state: MemoryState, path: str | os.PathLike) -> None:
         "ltm_sizes": [len(x) for x in state.ltm] if state.has_ltm else None,
         "cache_sizes": [len(x) for x in state.cache_rows] if state.has_ltm else None,
         "update_step": int(state.update_step), "generator_device": str(state.generator.device),
+        "weights": state.weights,
     }
     try:  # a malformed state fails now, with its cause, rather than at the next load
-        _check(tensors, meta)
+        check_layout(tensors, meta)
+        check_values(tensors)
     except StateError as e:
         raise StateError(f"cannot save the memory state to {path}: {e}") from None
     meta["sha256"] = _digest(meta, tensors)
+    if key is not None:
+        meta["hmac"] = _sign(key, meta["sha256"])
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
-def load_state(path: str | os.PathLike, expect: Mapping | object | None = None) -> MemoryState:
+def load_state(path: str | os.PathLike, expect: Mapping | object | None = None,
+               key: bytes | None = None) -> MemoryState:
     """Read a state saved by save_state. `expect` ({"kind", "num_layers", "num_stm_rows", "hidden_size",
-    "key_dim", "dtype"}, any subset, None = not checked) describes the model: a file for another model is an error,
-    except for dtype, to which the float tensors (STM, LTM and cache rows and keys) are converted."""
+    "key_dim", "dtype", "weights"}, any subset, None = not checked; model.state_spec() gives all) describes the
+    model: a file for another model is an error, except for dtype, to which the float tensors (STM, LTM and cache
+    rows and keys) are converted. A file without a weights fingerprint (version 1) passes the "weights" check.
+    With `key`, a file that is not signed with that key is refused; without, a signature is not checked."""
+    _check_key(key)
     path = Path(path)
     if not path.is_file():
         raise StateError(f"{path}: no memory-state file there; check the path, or save a state there first")
@@ -68,35 +83,33 @@ def load_state(path: str | os.PathLike, expect: Mapping | object | None = None) 
     if raw is None:
         raise StateError(f"{path}: no '{META_KEY}' metadata, so this is not a memory state saved by mplus "
                          "(a weights file?); pass a file written by MemoryState.save")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        meta = None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or type(meta.get("version")) is not int:
-        raise _damaged(path, "its metadata is not an mplus memory-state description")
-    if meta["version"] != VERSION:
-        raise StateError(f"{path}: memory-state format version {meta['version']!r}, but this mplus reads "
-                         f"version {VERSION}; use the mplus version that wrote it, or save the state again")
+    meta = _parse(path, raw)
     tensors = _read(path, lambda f: {name: f.get_tensor(name) for name in f.keys()})
     if meta.get("sha256") != _digest(meta, tensors):
         raise _damaged(path, "the checksum does not match: the file was modified or corrupted after it was saved")
+    if key is not None and not (type(meta.get("hmac")) is str
+                                and hmac.compare_digest(meta["hmac"].encode(), _sign(key, meta["sha256"]).encode())):
+        raise StateError(f"{path}: {'the signature does not match the key' if 'hmac' in meta else 'not signed'}: "
+                         "this file was not saved with this key (or was changed and re-hashed since); refuse it, "
+                         "or save the state again with MemoryState.save(path, key=...)")
     try:  # a matching checksum proves integrity, not that the writer was right
-        _check(tensors, meta)
+        check_layout(tensors, meta)
+        check_values(tensors)
     except StateError as e:
         raise _damaged(path, str(e)) from None
     dtype = _check_expect(path, meta, expect)
     if dtype is not None:  # rows and keys follow the model's dtype; ages stay int64 and rf float64
-        tensors = {k: t.to(dtype) if k.split(".")[0] in CAST else t for k, t in tensors.items()}
+        tensors = {k: t.to(dtype) if k.split(".")[0] in ROWS else t for k, t in tensors.items()}
     try:
         generator = torch.Generator(device=meta["generator_device"])
         generator.set_state(tensors["generator_state"])
     except RuntimeError as e:
-        raise StateError(f"{path}: cannot restore the random generator on {meta['generator_device']!r} ({e}); "
-                         "load it on a machine with that device") from None
+        raise StateError(f"{path}: cannot restore the random generator on {meta['generator_device']!r} ({e}): the "
+                         "file holds an invalid generator state, or one for a device this machine lacks") from None
     L, mplus = meta["num_layers"], meta["kind"] == "mplus"
     per_layer = {f: [tensors[f"{f}.{l}"] for l in range(L)] if mplus else None for f in PER_LAYER}
     return MemoryState(stm=tensors["stm"], stm_ages=tensors["stm_ages"], **per_layer, update_step=meta["update_step"],
-                       generator=generator, stm_kv=None)
+                       generator=generator, weights=meta.get("weights"), stm_kv=None)
 
 
 def describe_state(state: MemoryState, bins: int = 8) -> str:
@@ -147,8 +160,10 @@ def _tensors(state: MemoryState) -> dict[str, torch.Tensor]:
 
 
 def _digest(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the metadata (without its own hash) and every tensor's name, dtype, shape and bytes."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+    """sha256 over the metadata (without its own hash and signature) and every tensor's name, dtype, shape and
+    bytes."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k not in ("sha256", "hmac")},
+                                  sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"\n{name} {t.dtype} {list(t.shape)}\n".encode())
@@ -156,46 +171,41 @@ def _digest(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _check(tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Raise StateError(problem) unless the metadata and the tensors describe one well-formed state."""
-    def need(ok: bool, problem: str) -> None:
-        if not ok:
-            raise StateError(problem)
+def _sign(key: bytes, sha256: str) -> str:
+    """HMAC-SHA256 under `key` of the file's sha256, which already covers the header and every tensor byte."""
+    return hmac.new(bytes(key), f"{FORMAT} signature\n{sha256}".encode(), hashlib.sha256).hexdigest()
 
-    def ints(x, n: int, lo: int) -> bool:  # a JSON list of n integers >= lo
-        return isinstance(x, list) and len(x) == n and all(type(v) is int and v >= lo for v in x)
 
-    need(meta.get("kind") in ("mplus", "memoryllm"), f"unknown kind {meta.get('kind')!r}")
-    need(ints(meta.get("stm_shape"), 3, 1), f"the STM must be [L, N, d] with L, N, d >= 1, got {meta.get('stm_shape')}")
-    L, N, d = meta["stm_shape"]
-    need(meta.get("num_layers") == L, f"num_layers {meta.get('num_layers')!r} disagrees with the STM's {L} layers")
-    need(ints([meta.get("update_step")], 1, 0), f"update_step must be an integer >= 0, got {meta.get('update_step')!r}")
-    need(isinstance(meta.get("generator_device"), str), "the random generator's device is not recorded")
-    need(meta.get("dtype") in FLOAT_DTYPES, f"the STM dtype must be floating point, got {meta.get('dtype')!r}")
-    dtype = FLOAT_DTYPES[meta["dtype"]]
-    expected = {"stm": (dtype, [L, N, d]), "stm_ages": (torch.int64, [L, N]), "generator_state": (torch.uint8, None)}
-    if meta["kind"] == "mplus":
-        d_s, S, c = meta.get("key_dim"), meta.get("ltm_sizes"), meta.get("cache_sizes")
-        need(ints([d_s], 1, 1), f"key_dim must be an integer >= 1, got {d_s!r}")
-        need(meta.get("key_dtype") in FLOAT_DTYPES, f"key dtype must be floating point, got {meta.get('key_dtype')!r}")
-        need(ints(S, L, 0) and ints(c, L, 0), f"ltm_sizes and cache_sizes must list {L} row counts, got {S}, {c}")
-        kdtype = FLOAT_DTYPES[meta["key_dtype"]]
-        for l in range(L):
-            expected |= {f"ltm.{l}": (dtype, [S[l], d]), f"ltm_keys.{l}": (kdtype, [S[l], d_s]),
-                         f"ltm_ages.{l}": (torch.int64, [S[l]]), f"ltm_rf.{l}": (torch.float64, [S[l]]),
-                         f"cache_rows.{l}": (dtype, [c[l], d]), f"cache_keys.{l}": (kdtype, [c[l], d_s]),
-                         f"cache_ages.{l}": (torch.int64, [c[l]])}
-    else:
-        stray = [k for k in ("key_dim", "key_dtype", "ltm_sizes", "cache_sizes") if meta.get(k) is not None]
-        need(not stray, f"a MemoryLLM state has no LTM, but the metadata sets {', '.join(stray)}")
-    missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
-    need(not missing, f"tensors missing: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
-    need(not extra, f"unexpected tensors: {', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}")
-    for name, (want_dtype, shape) in expected.items():
-        t = tensors[name]
-        need(t.dtype == want_dtype, f"tensor {name} has dtype {t.dtype}, expected {want_dtype}")
-        need(shape is None or list(t.shape) == shape, f"tensor {name} has shape {list(t.shape)}, expected {shape}")
-    need(tensors["generator_state"].ndim == 1, "the random generator's state must be a 1-d byte tensor")
+def _check_key(key) -> None:
+    if key is None:
+        return
+    if not isinstance(key, (bytes, bytearray)):
+        raise TypeError(f"the signing key must be bytes (e.g. secrets.token_bytes(32)), got {type(key).__name__}")
+    if len(key) < MIN_KEY:
+        raise ValueError(f"the signing key has {len(key)} bytes; use at least {MIN_KEY} random bytes "
+                         "(e.g. secrets.token_bytes(32)), kept out of the memory files' storage")
+
+
+def _parse(path: Path, raw: str) -> dict:
+    """The header's JSON document, refused (StateError) unless it is a small flat object of known fields."""
+    if len(raw) > MAX_HEADER:
+        raise _damaged(path, f"its metadata has {len(raw)} characters, more than a memory state's {MAX_HEADER}")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):  # malformed, an integer of thousands of digits, or nested too deep
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or type(meta.get("version")) is not int:
+        raise _damaged(path, "its metadata is not an mplus memory-state description")
+    if meta["version"] not in READS:
+        raise StateError(f"{path}: memory-state format version {meta['version']!r}, but this mplus reads versions "
+                         f"{', '.join(map(str, READS))}; use the mplus version that wrote it, or save the state again")
+    if unknown := sorted(meta.keys() - META_FIELDS):
+        raise _damaged(path, f"its metadata has unknown fields {', '.join(unknown[:6])}")
+    scalar = (str, int, float, bool, type(None))
+    if not all(isinstance(v, scalar) or type(v) is list and all(isinstance(x, scalar) for x in v)
+               for v in meta.values()):  # nothing deeper: checking and hashing it cannot recurse
+        raise _damaged(path, "its metadata nests deeper than a memory state's (values or lists of values)")
+    return meta
 
 
 def _check_expect(path: Path, meta: dict, expect: Mapping | object | None) -> torch.dtype | None:
@@ -203,19 +213,25 @@ def _check_expect(path: Path, meta: dict, expect: Mapping | object | None) -> to
     if expect is None:
         return None
     if isinstance(expect, Mapping):
-        if unknown := sorted(set(expect) - set(EXPECT_FIELDS)):
-            raise TypeError(f"unknown expect fields {unknown}; known: {', '.join(EXPECT_FIELDS)}")
+        if unknown := sorted(set(expect) - {*EXPECT_FIELDS, "weights"}):
+            raise TypeError(f"unknown expect fields {unknown}; known: {', '.join(EXPECT_FIELDS)}, weights")
     elif missing := [k for k in EXPECT_FIELDS if not hasattr(expect, k)]:  # all of them, so a typo is not silent
         raise TypeError(f"expect object lacks the attributes {missing}")
     else:
-        expect = {k: getattr(expect, k) for k in EXPECT_FIELDS}
+        expect = {k: getattr(expect, k, None) for k in (*EXPECT_FIELDS, "weights")}
     L, N, d = meta["stm_shape"]
-    found = {"kind": meta["kind"], "num_layers": L, "num_stm_rows": N, "hidden_size": d, "key_dim": meta["key_dim"]}
+    found = {"kind": meta["kind"], "num_layers": L, "num_stm_rows": N, "hidden_size": d,
+             "key_dim": meta.get("key_dim")}
     for field, value in found.items():
         want = expect.get(field)
         if want is not None and want != value:
             raise StateError(f"{path}: a state from a different model: {field} is {value!r} in the file but "
                              f"{want!r} in this model; load a state saved with this model, or start from an empty one")
+    want, have = expect.get("weights"), meta.get("weights")
+    if want is not None and have is not None and want != have:
+        raise StateError(f"{path}: a state written by other weights: the file's weights fingerprint is {have[:12]}..., "
+                         f"this model's {str(want)[:12]}... (same shape, different checkpoint or fine-tune); load a "
+                         "state saved with this model, or start from an empty one")
     dtype = expect.get("dtype")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"expect dtype must be a floating-point torch.dtype, got {dtype!r}")
