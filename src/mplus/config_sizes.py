@@ -55,6 +55,7 @@ def check_sizes(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]], memo
                 raise SizeMismatchError(f"config {origin} does not match the checkpoint: tensor '{name}' has shape "
                                         f"{shape}, the config implies {declared}")
 
+
 def _dims(config: LlamaConfig) -> dict[str, Dim]:
     c = config
     return {"V": (c.vocab_size, f"field 'vocab_size' = {c.vocab_size}"),
@@ -71,7 +72,8 @@ def _projections(config: LlamaConfig) -> dict[str, tuple[str, Dim, Dim]]:
     x = _dims(config)
     return {"q_proj": ("self_attn", x["q"], x["d"]), "k_proj": ("self_attn", x["kv"], x["d"]),
             "v_proj": ("self_attn", x["kv"], x["d"]), "o_proj": ("self_attn", x["d"], x["q"]),
-            "gate_proj": ("mlp", x["I"], x["d"]), "up_proj": ("mlp", x["I"], x["d"]), "down_proj": ("mlp", x["d"], x["I"])}
+            "gate_proj": ("mlp", x["I"], x["d"]), "up_proj": ("mlp", x["I"], x["d"]),
+            "down_proj": ("mlp", x["d"], x["I"])}
 
 
 def _llama_tensors(config: LlamaConfig) -> Iterator[Expected]:
@@ -112,7 +114,7 @@ def _memory_tensors(config: LlamaConfig, memory: MemoryConfig) -> Iterator[Expec
                 yield f"{prefix}{parent}.{proj}.lora_B.{adapter}.weight", (out, r)
         if m.kind != "mplus":
             continue
-        for proj in retrievers:  # retriever.projector: Linear(d, 2 d_s) -> SiLU -> Linear(2 d_s, d_s), or Linear(d, d_s)
+        for proj in retrievers:  # retriever.projector: Linear(d, 2 d_s), SiLU, Linear(2 d_s, d_s); or Linear(d, d_s)
             if m.num_selector_layers == 2:
                 yield f"{prefix}self_attn.{proj}.0.weight", (hidden_s, d)
                 yield f"{prefix}self_attn.{proj}.2.weight", (d_s, hidden_s)

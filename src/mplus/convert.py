@@ -96,7 +96,8 @@ def _count(md: dict[str, Any], key: str, path: Path) -> int:
 _GGUF_KEYS = {"vocab_size": "llama.vocab_size (or the tokenizer.ggml.tokens count)",
               "hidden_size": "llama.embedding_length", "intermediate_size": "llama.feed_forward_length",
               "num_hidden_layers": "llama.block_count", "num_attention_heads": "llama.attention.head_count",
-              "num_key_value_heads": "llama.attention.head_count_kv", "head_dim": "llama.attention.key_length (or embedding_length / head_count)",
+              "num_key_value_heads": "llama.attention.head_count_kv",
+              "head_dim": "llama.attention.key_length (or embedding_length / head_count)",
               "max_position_embeddings": "llama.context_length",
               "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base"}
 

@@ -102,7 +102,8 @@ class MemoryConfig:
                       drop_memory_per_layer=optional("drop_memory_per_layer", True))
         if mplus:
             if optional("update_ltm_mode", "immediate") != "immediate":
-                raise ConfigError(f"update_ltm_mode {show(raw['update_ltm_mode'])} is not supported; only 'immediate' runs in the official code")
+                raise ConfigError(f"update_ltm_mode {show(raw['update_ltm_mode'])} is not supported; only 'immediate' "
+                                  "runs in the official code")
             if not boolean("map_from_hidden_states", optional("map_from_hidden_states", True)):
                 raise ConfigError("map_from_hidden_states false is not supported (the official training rejects it too)")
             fields.update(num_ltm_blocks=need("num_ltm_blocks"), selector_hidden_dim=need("selector_hidden_dim"),
