@@ -8,17 +8,22 @@ We always write the Llama-3.1 style, which every transformers version reads.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
-
-class ConfigError(ValueError):
-    """A config.json that is missing a field or asks for something this implementation does not do."""
-
+from .config_values import ConfigError, boolean, integer, number, read_json_object, show, string
 
 ROPE_TYPES = ("default", "linear", "llama3")
+# Ceilings far above any released Llama (Llama-3.1-405B: vocab 128256, hidden 16384, intermediate 53248,
+# 126 layers, 128 heads of 128; Llama-4 contexts of 10M): a config past them is corrupt or hostile and is
+# refused before anything is built. The checkpoint's tensors then bound the sizes for real (config_sizes.py).
+MAX_SIZES = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 19, "num_hidden_layers": 1024,
+             "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1024,
+             "max_position_embeddings": 1 << 24}
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)  # normalise a validated field of a frozen dataclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +33,22 @@ class RopeScaling:
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
     original_max_position_embeddings: int = 8192  # llama3 only
+    source: str = dataclasses.field(default="rope_scaling", compare=False, repr=False)  # names fields in errors
+
+    def __post_init__(self) -> None:
+        string(f"{self.source}.rope_type", self.rope_type, ROPE_TYPES)
+        if self.rope_type == "default":
+            return
+        _set(self, "factor", number(f"{self.source}.factor", self.factor, above=0))
+        if self.rope_type == "llama3":
+            low = number(f"{self.source}.low_freq_factor", self.low_freq_factor, above=0)
+            high = number(f"{self.source}.high_freq_factor", self.high_freq_factor, above=0)
+            if high <= low:  # the smooth blend divides by high - low
+                raise ConfigError(f"config field '{self.source}.high_freq_factor' ({high}) must be larger than "
+                                  f"low_freq_factor ({low})")
+            _set(self, "low_freq_factor", low), _set(self, "high_freq_factor", high)
+            integer(f"{self.source}.original_max_position_embeddings", self.original_max_position_embeddings,
+                    1, MAX_SIZES["max_position_embeddings"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,21 +69,25 @@ class LlamaConfig:
     eos_token_id: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+        for name, ceiling in MAX_SIZES.items():
+            integer(name, getattr(self, name), 1, ceiling)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
-            raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
-        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
-            raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        _set(self, "rms_norm_eps", number("rms_norm_eps", self.rms_norm_eps, above=0, below=1))
+        _set(self, "rope_theta", number("rope_theta", self.rope_theta, above=0))
+        if not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"rope_scaling must be a RopeScaling, got {show(self.rope_scaling)}")
+        boolean("tie_word_embeddings", self.tie_word_embeddings)
+        if self.bos_token_id is not None:
+            integer("bos_token_id", self.bos_token_id, 0, self.vocab_size - 1)
+        if not isinstance(self.eos_token_id, tuple):
+            raise ConfigError(f"eos_token_id must be a tuple of token ids, got {show(self.eos_token_id)}")
+        for eos in self.eos_token_id:
+            integer("eos_token_id", eos, 0, self.vocab_size - 1)
 
     @property
     def group_size(self) -> int:
@@ -73,38 +98,45 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "LlamaConfig":
+        """The config of a parsed config.json; every value is type-checked, none is coerced (config_values.py).
+        A field that HF allows to be null or absent takes HF's default (head_dim: hidden_size / heads)."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError("a config.json must hold a JSON object")
+
         def need(key: str) -> Any:
-            if key not in raw or raw[key] is None:
+            if raw.get(key) is None:
                 raise ConfigError(f"config.json is missing the required field '{key}'")
             return raw[key]
 
-        if raw.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act {raw['hidden_act']!r} is not supported; only 'silu' (SwiGLU) is")
+        def optional(key: str, default: Any) -> Any:
+            return default if raw.get(key) is None else raw[key]
+
+        string("hidden_act", optional("hidden_act", "silu"), ("silu",))  # SwiGLU only
         for flag in ("attention_bias", "mlp_bias"):
-            if raw.get(flag):
+            if boolean(flag, optional(flag, False)):
                 raise ConfigError(f"'{flag}: true' is not supported; Llama-3.1 has no biases")
 
-        hidden, heads = need("hidden_size"), need("num_attention_heads")
-        head_dim = raw.get("head_dim") or (hidden // heads if hidden % heads == 0 else None)
-        if head_dim is None:
+        hidden = integer("hidden_size", need("hidden_size"), 1, MAX_SIZES["hidden_size"])
+        heads = integer("num_attention_heads", need("num_attention_heads"), 1, MAX_SIZES["num_attention_heads"])
+        if raw.get("head_dim") is None and hidden % heads:
             raise ConfigError("config.json has no 'head_dim' and hidden_size is not divisible by num_attention_heads")
         theta, scaling = _read_rope(raw)
-        eos = raw.get("eos_token_id")
+        eos = optional("eos_token_id", [])
         return cls(
             vocab_size=need("vocab_size"),
             hidden_size=hidden,
             intermediate_size=need("intermediate_size"),
             num_hidden_layers=need("num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(need("rms_norm_eps")),
+            num_key_value_heads=optional("num_key_value_heads", heads),
+            head_dim=optional("head_dim", hidden // heads),
+            rms_norm_eps=need("rms_norm_eps"),
             rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=need("max_position_embeddings"),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=optional("tie_word_embeddings", False),
             bos_token_id=raw.get("bos_token_id"),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else (eos,),
         )
 
     @classmethod
@@ -114,13 +146,7 @@ class LlamaConfig:
             path = path / "config.json"
         if not path.is_file():
             raise ConfigError(f"no config.json at {path}; point --model at a Hugging Face model folder")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_json_object(path))
 
     # ----------------------------------------------------------------------------------------- writing
 
@@ -159,35 +185,37 @@ class LlamaConfig:
         }
 
 
-def _read_rope(raw: Mapping[str, Any]) -> tuple[float, RopeScaling]:
-    """(rope_theta, scaling) from either config generation."""
+def _read_rope(raw: Mapping[str, Any]) -> tuple[Any, RopeScaling]:
+    """(rope_theta, scaling) from either config generation; values are checked by the dataclasses."""
     params = raw.get("rope_parameters")
     if params is not None:
         if not isinstance(params, dict) or "rope_theta" not in params:
             raise ConfigError("config field 'rope_parameters' must be an object with a 'rope_theta'")
-        theta, scaling = params["rope_theta"], params
+        theta, scaling, source = params["rope_theta"], params, "rope_parameters"
     else:
-        if "rope_theta" not in raw:
+        if raw.get("rope_theta") is None:
             raise ConfigError("config.json is missing the required field 'rope_theta' (or 'rope_parameters')")
-        theta, scaling = raw["rope_theta"], raw.get("rope_scaling")
+        theta, scaling, source = raw["rope_theta"], raw.get("rope_scaling"), "rope_scaling"
     if scaling is None:
-        return float(theta), RopeScaling("default")
+        return theta, RopeScaling("default")
     if not isinstance(scaling, dict):
-        raise ConfigError(f"config field 'rope_scaling' must be an object or null, got {scaling!r}")
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        raise ConfigError(f"config field '{source}' must be an object or null, got {show(scaling)}")
+    names = [scaling[k] for k in ("rope_type", "type") if k in scaling]  # older files say "type", some both
+    if len(names) == 2 and names[0] != names[1]:
+        raise ConfigError(f"config field '{source}' has rope_type {show(names[0])} but type {show(names[1])}")
+    rope_type = names[0] if names else "default"
+    string(f"{source}.rope_type", rope_type, ROPE_TYPES)
     if rope_type == "default":
-        return float(theta), RopeScaling("default")
+        return theta, RopeScaling("default")
 
     def need(key: str) -> Any:
-        if key not in scaling:
-            raise ConfigError(f"rope scaling of type {rope_type!r} is missing the field '{key}'")
+        if scaling.get(key) is None:
+            raise ConfigError(f"rope scaling of type {rope_type!r} is missing the field '{source}.{key}'")
         return scaling[key]
 
     if rope_type == "linear":
-        return float(theta), RopeScaling("linear", factor=float(need("factor")))
-    return float(theta), RopeScaling(
-        "llama3", factor=float(need("factor")), low_freq_factor=float(need("low_freq_factor")),
-        high_freq_factor=float(need("high_freq_factor")),
-        original_max_position_embeddings=int(need("original_max_position_embeddings")))
+        return theta, RopeScaling("linear", factor=need("factor"), source=source)
+    return theta, RopeScaling(
+        "llama3", factor=need("factor"), low_freq_factor=need("low_freq_factor"),
+        high_freq_factor=need("high_freq_factor"),
+        original_max_position_embeddings=need("original_max_position_embeddings"), source=source)

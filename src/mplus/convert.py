@@ -19,6 +19,9 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 
+from .config import ConfigError, LlamaConfig
+from .config_sizes import check_sizes
+from .config_values import show
 from .gguf import GGUFError, GGUFFile
 from .io import atomic_path, atomic_write_text
 
@@ -29,6 +32,7 @@ _LAYER_PARTS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_laye
                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                 "ffn_down": "mlp.down_proj"}
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def hf_name(gguf_name: str) -> str:
@@ -67,35 +71,66 @@ def _meta(md: dict[str, Any], key: str, path: Path) -> Any:
     return md[key]
 
 
-def _f32_decimal(x: float) -> float:
+def _meta_int(md: dict[str, Any], key: str, path: Path) -> int:
+    value = _meta(md, key, path)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise GGUFError(f"{path}: metadata {key!r} must be a positive integer, got {show(value)}")
+    return value
+
+
+def _meta_float(value: Any, key: str, path: Path) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(value) <= _F32_MAX:
+        raise GGUFError(f"{path}: metadata {key!r} must be a finite float32 number, got {show(value)}")
     # The shortest decimal that round-trips the stored float32 (1e-05, not 9.999999747378752e-06).
-    return float(str(np.float32(x)))
+    return float(str(np.float32(value)))
+
+
+def _count(md: dict[str, Any], key: str, path: Path) -> int:
+    value = _meta(md, key, path)
+    if not isinstance(value, list):
+        raise GGUFError(f"{path}: metadata {key!r} must be an array, got {show(value)}")
+    return len(value)
+
+
+# The GGUF metadata key behind each config field, to name it when the metadata and the tensors disagree.
+_GGUF_KEYS = {"vocab_size": "llama.vocab_size (or the tokenizer.ggml.tokens count)",
+              "hidden_size": "llama.embedding_length", "intermediate_size": "llama.feed_forward_length",
+              "num_hidden_layers": "llama.block_count", "num_attention_heads": "llama.attention.head_count",
+              "num_key_value_heads": "llama.attention.head_count_kv",
+              "head_dim": "llama.attention.key_length (or embedding_length / head_count)",
+              "max_position_embeddings": "llama.context_length",
+              "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base"}
 
 
 def hf_config(gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """config.json for a llama-architecture GGUF, every value taken from its metadata (spec §3)."""
+    """config.json for a llama-architecture GGUF, every value taken from its metadata (spec §3).
+
+    The values are checked as a config.json's are, and the sizes against the file's tensor shapes
+    (config_sizes.py), so metadata declaring more than the file holds is a GGUFError before anything is built."""
     md, path = gguf.metadata, gguf.path
     arch = _meta(md, "general.architecture", path)
     if arch != "llama":
         raise GGUFError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
 
-    def get(key: str) -> Any:
-        return _meta(md, f"llama.{key}", path)
+    def get(key: str) -> int:
+        return _meta_int(md, f"llama.{key}", path)
 
     hidden, n_head = get("embedding_length"), get("attention.head_count")
-    return {
+    head_dim = md.get("llama.attention.key_length", md.get("llama.rope.dimension_count"))
+    config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": md.get("llama.vocab_size") or len(_meta(md, "tokenizer.ggml.tokens", path)),
+        "vocab_size": md.get("llama.vocab_size") or _count(md, "tokenizer.ggml.tokens", path),
         "hidden_size": hidden,
         "intermediate_size": get("feed_forward_length"),
         "num_hidden_layers": get("block_count"),
         "num_attention_heads": n_head,
         "num_key_value_heads": md.get("llama.attention.head_count_kv", n_head),
-        "head_dim": md.get("llama.attention.key_length", md.get("llama.rope.dimension_count", hidden // n_head)),
+        "head_dim": hidden // n_head if head_dim is None else head_dim,
         "max_position_embeddings": get("context_length"),
-        "rms_norm_eps": _f32_decimal(get("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _f32_decimal(md.get("llama.rope.freq_base", 10000.0)),
+        "rms_norm_eps": _meta_float(_meta(md, "llama.attention.layer_norm_rms_epsilon", path),
+                                    "llama.attention.layer_norm_rms_epsilon", path),
+        "rope_theta": _meta_float(md.get("llama.rope.freq_base", 10000.0), "llama.rope.freq_base", path),
         "rope_scaling": None,
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in gguf.tensors,
@@ -106,6 +141,12 @@ def hf_config(gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str, A
         "pad_token_id": md.get("tokenizer.ggml.padding_token_id"),
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    try:
+        check_sizes(LlamaConfig.from_dict(config), {hf_name(n): t.shape for n, t in gguf.tensors.items()})
+    except ConfigError as e:
+        keys = "; ".join(f"{field} is {key}" for field, key in _GGUF_KEYS.items() if field in str(e))
+        raise GGUFError(f"{path}: the metadata does not fit the file: {e}" + (f" ({keys})" if keys else "")) from None
+    return config
 
 
 def hf_tokenizer(gguf: GGUFFile) -> Tokenizer:

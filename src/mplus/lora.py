@@ -13,12 +13,16 @@ import math
 import torch
 from torch import nn
 
+from .config_values import integer, number
+
 WRITE, READ = "default", "decoder_adapter"
 
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, adapters: tuple[str, ...] = (WRITE, READ)):
         super().__init__()
+        r = integer("lora_config.r", r)  # the scale divides by it
+        alpha = number("lora_config.lora_alpha", alpha, above=0)
         self.base_layer = base
         self.lora_A = nn.ModuleDict({a: nn.Linear(base.in_features, r, bias=False) for a in adapters})
         self.lora_B = nn.ModuleDict({a: nn.Linear(r, base.out_features, bias=False) for a in adapters})

@@ -11,8 +11,15 @@ import dataclasses
 from typing import Any, Mapping
 
 from .config import ConfigError
+from .config_values import boolean, integer, number, show, string
 
 LORA_TARGETS = ("q_proj", "v_proj", "k_proj", "up_proj", "down_proj", "gate_proj")
+# Ceilings far above the released models (K 256, 50 blocks, LoRA r 16, d_s 256): past them a config is corrupt.
+MAX_TOKENS, MAX_BLOCKS, MAX_PREFIX, MAX_LORA_R, MAX_SELECTOR_DIM = 1 << 16, 1 << 16, 1 << 20, 4096, 1 << 16
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)  # normalise a validated field of a frozen dataclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +39,29 @@ class MemoryConfig:
     initial_rf_when_moving_stm_to_ltm: float = 10.0
     drop_memory_per_layer: bool = True  # MemoryLLM: one permutation per layer (True) or one for all
 
+    def __post_init__(self) -> None:
+        string("kind", self.kind, ("mplus", "memoryllm"))
+        integer("num_tokens", self.num_tokens, 1, MAX_TOKENS)
+        integer("num_blocks", self.num_blocks, 1, MAX_BLOCKS)
+        if self.virtual_prefix > MAX_PREFIX:
+            raise ConfigError(f"num_blocks x num_tokens = {self.num_blocks} x {self.num_tokens} memory rows per layer "
+                              f"is more than {MAX_PREFIX - 1}; is the config corrupt?")
+        integer("num_ltm_blocks", self.num_ltm_blocks, 0, self.num_blocks - 1 if self.kind == "mplus" else 0)
+        if self.stm_size <= self.num_tokens:
+            raise ConfigError(f"the short-term memory ({self.stm_size} rows) must be larger than one block ({self.num_tokens})")
+        integer("lora_config.r", self.lora_r, 1, MAX_LORA_R)
+        _set(self, "lora_alpha", number("lora_config.lora_alpha", self.lora_alpha, above=0))
+        _set(self, "lora_targets", _lora_targets(self.lora_targets))
+        integer("selector_hidden_dim", self.selector_hidden_dim, 1, MAX_SELECTOR_DIM)
+        integer("num_selector_layers", self.num_selector_layers, 1, 2)
+        boolean("add_encoder_retriever", self.add_encoder_retriever)
+        integer("update_ltm_frequency", self.update_ltm_frequency, 1)
+        # rf is a time to live: rows enter with initial_rf and lose decay per merge (arXiv 2502.00592, sec. 3.2).
+        _set(self, "decay_frequency", number("decay_frequency", self.decay_frequency, above=0))
+        _set(self, "initial_rf_when_moving_stm_to_ltm",
+             number("initial_rf_when_moving_stm_to_ltm", self.initial_rf_when_moving_stm_to_ltm, above=0))
+        boolean("drop_memory_per_layer", self.drop_memory_per_layer)
+
     @property
     def stm_size(self) -> int:
         return (self.num_blocks - self.num_ltm_blocks) * self.num_tokens
@@ -46,38 +76,43 @@ class MemoryConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "MemoryConfig":
+        """The memory fields of a parsed config.json, each type-checked (config_values.py); absent or null
+        optional fields take the official defaults."""
         def need(key: str) -> Any:
             if raw.get(key) is None:
                 raise ConfigError(f"config.json is missing the memory field '{key}' (is this an M+ or MemoryLLM checkpoint?)")
             return raw[key]
 
-        if raw.get("add_bos_embedding") is False:
+        def optional(key: str, default: Any, where: Mapping[str, Any] = raw) -> Any:
+            return default if where.get(key) is None else where[key]
+
+        if not boolean("add_bos_embedding", optional("add_bos_embedding", True)):
             raise ConfigError("add_bos_embedding false is not supported: both released models use it")
-        mplus = bool(raw.get("add_selector")) or "num_ltm_blocks" in raw
-        lora = raw.get("lora_config") or {}
-        fields = dict(kind="mplus" if mplus else "memoryllm", num_tokens=int(need("num_tokens")),
-                      num_blocks=int(need("num_blocks")),
-                      lora_r=int(lora.get("r", 16)), lora_alpha=float(lora.get("lora_alpha", 32)),
-                      lora_targets=tuple(lora.get("target_modules", LORA_TARGETS)),
-                      drop_memory_per_layer=bool(raw.get("drop_memory_per_layer", True)))
+        mplus = boolean("add_selector", optional("add_selector", False)) or "num_ltm_blocks" in raw
+        lora = optional("lora_config", {})
+        if not isinstance(lora, dict):
+            raise ConfigError(f"config field 'lora_config' must be an object, got {show(lora)}")
+        number("lora_config.lora_dropout", optional("lora_dropout", 0.0, lora), at_least=0, below=1)
+        targets = optional("target_modules", list(LORA_TARGETS), lora)
+        if not isinstance(targets, list):
+            raise ConfigError(f"config field 'lora_config.target_modules' must be a list of names, got {show(targets)}")
+        fields = dict(kind="mplus" if mplus else "memoryllm", num_tokens=need("num_tokens"),
+                      num_blocks=need("num_blocks"), lora_r=optional("r", 16, lora),
+                      lora_alpha=optional("lora_alpha", 32, lora), lora_targets=tuple(targets),
+                      drop_memory_per_layer=optional("drop_memory_per_layer", True))
         if mplus:
-            if raw.get("update_ltm_mode", "immediate") != "immediate":
-                raise ConfigError(f"update_ltm_mode {raw['update_ltm_mode']!r} is not supported; only 'immediate' runs in the official code")
-            if raw.get("map_from_hidden_states") is False:
+            if optional("update_ltm_mode", "immediate") != "immediate":
+                raise ConfigError(f"update_ltm_mode {show(raw['update_ltm_mode'])} is not supported; only 'immediate' "
+                                  "runs in the official code")
+            if not boolean("map_from_hidden_states", optional("map_from_hidden_states", True)):
                 raise ConfigError("map_from_hidden_states false is not supported (the official training rejects it too)")
-            fields.update(num_ltm_blocks=int(need("num_ltm_blocks")),
-                          selector_hidden_dim=int(need("selector_hidden_dim")),
-                          num_selector_layers=int(raw.get("num_selector_layers", 2)),
-                          add_encoder_retriever=bool(raw.get("add_encoder_retriever", True)),
-                          update_ltm_frequency=int(raw.get("update_ltm_frequency", raw["num_blocks"])),
-                          decay_frequency=float(raw.get("decay_frequency", 1)),
-                          initial_rf_when_moving_stm_to_ltm=float(raw.get("initial_rf_when_moving_stm_to_ltm", 10)))
-        config = cls(**fields)
-        if config.stm_size <= config.num_tokens:
-            raise ConfigError(f"the short-term memory ({config.stm_size} rows) must be larger than one block ({config.num_tokens})")
-        if config.num_selector_layers not in (1, 2):
-            raise ConfigError(f"num_selector_layers must be 1 or 2, got {config.num_selector_layers}")
-        return config
+            fields.update(num_ltm_blocks=need("num_ltm_blocks"), selector_hidden_dim=need("selector_hidden_dim"),
+                          num_selector_layers=optional("num_selector_layers", 2),
+                          add_encoder_retriever=optional("add_encoder_retriever", True),
+                          update_ltm_frequency=optional("update_ltm_frequency", fields["num_blocks"]),
+                          decay_frequency=optional("decay_frequency", 1),
+                          initial_rf_when_moving_stm_to_ltm=optional("initial_rf_when_moving_stm_to_ltm", 10))
+        return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -93,3 +128,14 @@ class MemoryConfig:
                        update_ltm_frequency=self.update_ltm_frequency, decay_frequency=self.decay_frequency,
                        initial_rf_when_moving_stm_to_ltm=self.initial_rf_when_moving_stm_to_ltm)
         return out
+
+
+def _lora_targets(targets: Any) -> tuple[str, ...]:
+    name = "lora_config.target_modules"
+    if not isinstance(targets, (tuple, list)) or not targets:
+        raise ConfigError(f"config field '{name}' must be a non-empty list of names, got {show(targets)}")
+    for t in targets:
+        string(name, t, LORA_TARGETS)
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"config field '{name}' names a module twice: {show(targets)}")
+    return tuple(targets)

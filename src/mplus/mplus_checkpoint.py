@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from .config import ConfigError, LlamaConfig
+from .config_sizes import check_sizes, header_shapes
+from .config_values import read_json_object
 from .io import atomic_write_text
 from .lora import READ, WRITE, LoRALinear
 from .memory_config import MemoryConfig
@@ -39,10 +41,7 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise ConfigError(f"no config.json in {folder}; point at an M+ or MemoryLLM checkpoint folder")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    return read_json_object(path)
 
 
 def new_state(model, stm: torch.Tensor, ltm, keys, ages, rf, seed: int = 0) -> MemoryState:
@@ -63,6 +62,7 @@ def load(cls, path: str | Path, dtype: torch.dtype, progress: bool, rope_bf16: b
     folder = Path(path)
     raw = read_config(folder)
     config, memory = LlamaConfig.from_dict(raw), MemoryConfig.from_dict(raw)
+    check_sizes(config, header_shapes(checkpoint_index(folder)), memory)  # before the config's sizes are allocated
     with torch.device("meta"):
         model = cls(config, memory)
     materialize(model, dtype)
@@ -102,6 +102,7 @@ def from_llama(cls, path: str | Path, memory: MemoryConfig, seed: int, dtype: to
     """A new memory model around a plain Llama folder, initialised as the official training recipe does."""
     folder = Path(path)
     config = LlamaConfig.from_file(folder)
+    check_sizes(config, header_shapes(checkpoint_index(folder)))  # the memory's own sizes are bounded by its config
     if config.bos_token_id is None:
         raise ConfigError("the Llama config has no bos_token_id; the memory's BOS embedding starts from it")
     with torch.device("meta"):

@@ -203,7 +203,9 @@ def load_model(cls, path: str | Path, dtype: torch.dtype = torch.float32, progre
         raise WeightsError(f"model folder {folder} does not exist; run `mplus fetch` or pass a HF model folder")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point type, got {dtype}")
+    from .config_sizes import check_sizes, header_shapes  # it needs WeightsError from here
     config = LlamaConfig.from_file(folder)
+    check_sizes(config, header_shapes(checkpoint_index(folder)))  # before the config's sizes are allocated
     with torch.device("meta"):
         model = cls(config)
     if packed:
