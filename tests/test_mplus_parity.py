@@ -1,5 +1,5 @@
 """Parity with the official M+ implementation: replay the recorded call sequence of
-../shared/fixtures/official-mplus-tiny/ and compare every fixture (floats within 1e-4 in fp32; indices, sizes,
+tests/fixtures/official-mplus-tiny/ and compare every fixture (floats within 1e-4 in fp32; indices, sizes,
 ages, recall frequencies and generated ids exactly). The expected values are read from the fixture files."""
 import json
 
@@ -8,26 +8,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import OFFICIAL_TINY
-import importlib
-from mplus.mplus_model import MPlus
-
-generate_module = importlib.import_module("mplus.generate")  # the module (mplus.generate is also a function)
 from mplus.ltm import draw_drop
+from mplus.mplus_model import MPlus
+from parity import Diffs, exact, greedy_with_logits
 
 FIXTURES = OFFICIAL_TINY
-TOL = 1e-4
-WORST = {}  # worst float difference per fixture family, printed at the end (pytest -s)
-
-
-def close(name, got, want):
-    diff = (got.double() - want.double()).abs().max().item() if want.numel() else 0.0
-    WORST[name] = max(WORST.get(name, 0.0), diff)
-    assert got.shape == want.shape, name
-    assert diff <= TOL, f"{name}: max |diff| {diff:.3g}"
-
-
-def exact(name, got, want):
-    assert torch.equal(torch.as_tensor(got).double(), want.double()), name
+DIFFS = Diffs(tol=1e-4)  # worst float difference per fixture family, printed at the end (pytest -s)
+close = DIFFS.close
 
 
 @pytest.fixture(scope="module")
@@ -119,20 +106,14 @@ def test_injections_merges_retrieval_and_generation(model, fx):
         check_forward(model, state, d, f"after_inj{i}", "retrieval forward")
         if f"after_inj{i}/prompt_ids" in e:
             prompt = e[f"after_inj{i}/prompt_ids"]
-            seen = []  # the logits each new token was chosen from (prefill, then cached decode steps)
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(generate_module, "sample_next", lambda logits, *a: seen.append(logits) or int(logits.argmax()))
-                new = model.generate(state, prompt, max_new_tokens=8, stop_ids=())
+            new, logits = greedy_with_logits(model, state, prompt, 8)
             exact(f"generate after {i}", torch.tensor(prompt[0].tolist() + new), e[f"after_inj{i}/sequences"][0])
-            close("generation step logits", torch.stack(seen), e[f"after_inj{i}/step_logits"])
+            close("generation step logits", logits, e[f"after_inj{i}/step_logits"])
 
 
 def test_report_worst_differences():
     """Prints the worst float difference per fixture family (run with -s to see it)."""
-    print("\nworst |diff| against the official fixtures:")
-    for name, diff in sorted(WORST.items()):
-        print(f"  {name:28} {diff:.2e}")
-    assert WORST and max(WORST.values()) <= TOL
+    DIFFS.report("worst |diff| against the official M+ fixtures:")
 
 
 def test_merged_read_adapter_reads_the_same(fx):

@@ -30,7 +30,12 @@ class MemoryConfig:
     update_ltm_frequency: int = 60  # merge the cache every this many updates
     decay_frequency: float = 1.0
     initial_rf_when_moving_stm_to_ltm: float = 10.0
-    drop_memory_per_layer: bool = True  # MemoryLLM: one permutation per layer (True) or one for all
+    drop_memory_per_layer: bool = True  # MemoryLLM: one permutation per layer (True) or one for all; M+: always True
+
+    def __post_init__(self):
+        if self.kind == "mplus" and not self.drop_memory_per_layer:
+            raise ConfigError("M+ always drops its STM rows with one permutation per layer (so does the official "
+                              "code, whatever the flag says); drop_memory_per_layer=False is for MemoryLLM only")
 
     @property
     def stm_size(self) -> int:
@@ -65,7 +70,8 @@ class MemoryConfig:
                 raise ConfigError(f"update_ltm_mode {raw['update_ltm_mode']!r} is not supported; only 'immediate' runs in the official code")
             if raw.get("map_from_hidden_states") is False:
                 raise ConfigError("map_from_hidden_states false is not supported (the official training rejects it too)")
-            fields.update(num_ltm_blocks=int(need("num_ltm_blocks")),
+            fields.update(drop_memory_per_layer=True,  # stored in M+ configs, never read by the official code
+                          num_ltm_blocks=int(need("num_ltm_blocks")),
                           selector_hidden_dim=int(need("selector_hidden_dim")),
                           num_selector_layers=int(raw.get("num_selector_layers", 2)),
                           add_encoder_retriever=bool(raw.get("add_encoder_retriever", True)),

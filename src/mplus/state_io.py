@@ -3,8 +3,8 @@
 Tensors: `stm` [L, N, d], `stm_ages` [L, N], `generator_state` (uint8) and, for M+ only, per layer l:
 `ltm.{l}` [S_l, d], `ltm_keys.{l}` [S_l, d_s], `ltm_ages.{l}` [S_l], `ltm_rf.{l}` [S_l], `cache_rows.{l}` [c_l, d],
 `cache_keys.{l}` [c_l, d_s], `cache_ages.{l}` [c_l]. The safetensors metadata holds one JSON document under
-"mplus_state": format, version, kind, sizes, dtypes, update_step, and a sha256 over that document and every tensor
-(name, dtype, shape, bytes), so an edited byte anywhere in the file is detected.
+"mplus_state": format, version, kind, sizes, dtypes, update_step, initialized (MemoryLLM), and a sha256 over that
+document and every tensor (name, dtype, shape, bytes), so an edited byte anywhere in the file is detected.
 
 Loading checks everything before it builds a new state, so a failed load leaves the caller's state as it was.
 """
@@ -47,6 +47,7 @@ def save_state(state: MemoryState, path: str | os.PathLike) -> None:
         "ltm_sizes": [len(x) for x in state.ltm] if state.has_ltm else None,
         "cache_sizes": [len(x) for x in state.cache_rows] if state.has_ltm else None,
         "update_step": int(state.update_step), "generator_device": str(state.generator.device),
+        "initialized": bool(state.initialized),
     }
     try:  # a malformed state fails now, with its cause, rather than at the next load
         _check(tensors, meta)
@@ -96,7 +97,7 @@ def load_state(path: str | os.PathLike, expect: Mapping | object | None = None) 
     L, mplus = meta["num_layers"], meta["kind"] == "mplus"
     per_layer = {f: [tensors[f"{f}.{l}"] for l in range(L)] if mplus else None for f in PER_LAYER}
     return MemoryState(stm=tensors["stm"], stm_ages=tensors["stm_ages"], **per_layer, update_step=meta["update_step"],
-                       generator=generator, stm_kv=None)
+                       generator=generator, initialized=meta.get("initialized", True), stm_kv=None)
 
 
 def describe_state(state: MemoryState, bins: int = 8) -> str:
@@ -171,6 +172,8 @@ def _check(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     need(meta.get("num_layers") == L, f"num_layers {meta.get('num_layers')!r} disagrees with the STM's {L} layers")
     need(ints([meta.get("update_step")], 1, 0), f"update_step must be an integer >= 0, got {meta.get('update_step')!r}")
     need(isinstance(meta.get("generator_device"), str), "the random generator's device is not recorded")
+    need(type(meta.get("initialized", True)) is bool and (meta.get("initialized", True) or meta["kind"] == "memoryllm"),
+         f"initialized must be true or false (false only for MemoryLLM), got {meta.get('initialized')!r}")
     need(meta.get("dtype") in FLOAT_DTYPES, f"the STM dtype must be floating point, got {meta.get('dtype')!r}")
     dtype = FLOAT_DTYPES[meta["dtype"]]
     expected = {"stm": (dtype, [L, N, d]), "stm_ages": (torch.int64, [L, N]), "generator_state": (torch.uint8, None)}
