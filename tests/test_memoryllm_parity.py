@@ -14,6 +14,7 @@ from conftest import OFFICIAL_MEMORYLLM_TINY as FIXTURES
 from mplus.ltm import draw_drop
 from mplus.mplus_model import MPlus
 from mplus.rope import default_inv_freq, rope_cos_sin
+from mplus.state import MemoryState
 from parity import Diffs, exact, greedy_with_logits
 
 DIFFS = Diffs(tol=1e-4)  # worst float difference per fixture file and quantity, printed at the end (pytest -s)
@@ -132,6 +133,8 @@ def test_checkpoint_initialized_flag_sets_the_state(tmp_path, fx):
     check_forward(model, state, fx[1]["u_uninitialized"], "u/before", "u_uninitialized")
     model.save_pretrained(tmp_path / "saved", state)
     assert load_file(tmp_path / "saved" / "model.safetensors")["initialized"].item() == 0
+    state.save(tmp_path / "state.safetensors")  # a state file keeps the flag too
+    assert not MemoryState.load(tmp_path / "state.safetensors", expect=model.state_spec()).initialized
 
 
 def test_shared_drop_uses_one_permutation_for_all_layers(tmp_path, fx):
