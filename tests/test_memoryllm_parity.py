@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import OFFICIAL_MEMORYLLM_TINY as FIXTURES
+from mplus import ConfigError
 from mplus.ltm import draw_drop
 from mplus.mplus_model import MPlus
 from mplus.rope import default_inv_freq, rope_cos_sin
@@ -147,9 +148,17 @@ def test_shared_drop_uses_one_permutation_for_all_layers(tmp_path, fx):
         check_forward(model, state, f["s_shared_drop"], f"s/after_inj{j}", "s_shared_drop")
 
 
+def test_block_counts_whose_official_drop_is_not_one_block_are_refused(tmp_path):
+    # int(49 * 8 * (1 / 49)) == 7 in floating point: the official pool would grow by a row at every update
+    folder = checkpoint_copy(tmp_path, edit_config=lambda c: c.update(num_blocks=49))
+    with pytest.raises(ConfigError, match="drop 7 rows per update instead of 8"):
+        MPlus.from_pretrained(folder)
+
+
 def test_official_layout_saves_back_identically(model, tmp_path):
     model.save_pretrained(tmp_path)
-    original, saved = load_file(FIXTURES / "checkpoint" / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    original = load_file(FIXTURES / "checkpoint" / "model.safetensors")
+    saved = load_file(tmp_path / "model.safetensors")
     assert set(original) == set(saved)
     for name, t in original.items():
         assert torch.equal(t, saved[name]), name

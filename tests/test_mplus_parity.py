@@ -161,7 +161,8 @@ def test_bf16_forward_and_injection_follow_the_fp32_fixtures(fx):
             near("bf16 delta memory", delta[None], b["inj1/delta_memory"])
             near("bf16 stm", state.stm, b["inj1/memory_after"])
         rec = []
-        near(f"bf16 {prefix} logits", model(state, fixture[f"{prefix}/input_ids"], record=rec), fixture[f"{prefix}/logits"])
+        logits = model(state, fixture[f"{prefix}/input_ids"], record=rec)
+        near(f"bf16 {prefix} logits", logits, fixture[f"{prefix}/logits"])
         check_retrieval(rec, fixture, prefix)
 
 
