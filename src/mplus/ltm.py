@@ -15,6 +15,24 @@ def draw_drop(n_rows: int, k: int, generator: torch.Generator) -> tuple[torch.Te
     return perm[:n_rows - k].sort().values, perm[n_rows - k:].sort().values  # [N-K], [K]
 
 
+def official_drop_count(n_rows: int, num_blocks: int) -> int:
+    """The rows the official MemoryLLM drops per update: int(N * (1 / num_blocks)), in floating point.
+
+    It equals K for the released configs; for some block counts (49 blocks: K - 1) it does not, and the official
+    pool then grows by a row at every update, which a fixed-size state cannot follow.
+    """
+    return int(n_rows * (1 / num_blocks))
+
+
+def tile_index(n_rows: int, n: int) -> torch.Tensor:
+    """Which of n new rows fill each of the N slots of a MemoryLLM pool at its first update (0 <= n < N).
+
+    The official code repeats the block floor(N / n) times and appends its last N mod n rows:
+    N = 32, n = 5 -> [0..4] x 6, then [3, 4].
+    """
+    return torch.cat((torch.arange(n).repeat(n_rows // n), torch.arange(n - n_rows % n, n)))  # [N]
+
+
 def write_block(stm: torch.Tensor, ages: torch.Tensor, new: torch.Tensor, kept: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's STM after an update: survivors in their old order, then the K new rows.

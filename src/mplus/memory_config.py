@@ -37,7 +37,7 @@ class MemoryConfig:
     update_ltm_frequency: int = 60  # merge the cache every this many updates
     decay_frequency: float = 1.0
     initial_rf_when_moving_stm_to_ltm: float = 10.0
-    drop_memory_per_layer: bool = True  # MemoryLLM: one permutation per layer (True) or one for all
+    drop_memory_per_layer: bool = True  # MemoryLLM: one permutation per layer (True) or one for all; M+: always True
 
     def __post_init__(self) -> None:
         string("kind", self.kind, ("mplus", "memoryllm"))
@@ -60,7 +60,9 @@ class MemoryConfig:
         _set(self, "decay_frequency", number("decay_frequency", self.decay_frequency, above=0))
         _set(self, "initial_rf_when_moving_stm_to_ltm",
              number("initial_rf_when_moving_stm_to_ltm", self.initial_rf_when_moving_stm_to_ltm, above=0))
-        boolean("drop_memory_per_layer", self.drop_memory_per_layer)
+        if not boolean("drop_memory_per_layer", self.drop_memory_per_layer) and self.kind == "mplus":
+            raise ConfigError("M+ always drops its STM rows with one permutation per layer (so does the official "
+                              "code, whatever the flag says); drop_memory_per_layer=False is for MemoryLLM only")
 
     @property
     def stm_size(self) -> int:
@@ -106,7 +108,8 @@ class MemoryConfig:
                                   "runs in the official code")
             if not boolean("map_from_hidden_states", optional("map_from_hidden_states", True)):
                 raise ConfigError("map_from_hidden_states false is not supported (the official training rejects it too)")
-            fields.update(num_ltm_blocks=need("num_ltm_blocks"), selector_hidden_dim=need("selector_hidden_dim"),
+            fields.update(drop_memory_per_layer=True,  # stored in M+ configs, never read by the official code
+                          num_ltm_blocks=need("num_ltm_blocks"), selector_hidden_dim=need("selector_hidden_dim"),
                           num_selector_layers=optional("num_selector_layers", 2),
                           add_encoder_retriever=optional("add_encoder_retriever", True),
                           update_ltm_frequency=optional("update_ltm_frequency", fields["num_blocks"]),

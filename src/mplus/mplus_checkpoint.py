@@ -24,7 +24,7 @@ from .state import MemoryState, StateError
 from .state_check import check_stored
 from .weights import checkpoint_index, load_state_into, read_tensors, save_state
 
-STATE_KEYS = ("memory", "initialized")  # MemoryLLM's `initialized` buffer is informational
+STATE_KEYS = ("memory", "initialized")  # MemoryLLM's `initialized` buffer becomes MemoryState.initialized
 STATE_PREFIXES = ("ltm.", "ltm_keys.", "ltm_ages.", "ltm_recall_frequencies.")
 
 
@@ -87,15 +87,23 @@ def _stored_state(model, folder: Path) -> MemoryState:
                          "copy of the checkpoint") from None
     stm = t["memory"]
     if mem.kind != "mplus":
-        return new_state(model, stm.to(model.dtype), None, None, None, None)
+        state = new_state(model, stm.to(model.dtype), None, None, None, None)
+        if "initialized" in checkpoint_index(folder):  # the official MemoryLLM buffer; absent means in use
+            flag = read_tensors(folder, ["initialized"])["initialized"]
+            if flag.numel() != 1:
+                raise ConfigError(f"'initialized' must hold one number (0 or 1), it has shape {tuple(flag.shape)}")
+            state.initialized = bool(flag.item())
+        return state
 
     def per(key):
         return [t[f"{key}.{l}"] for l in range(n_layers)]
 
+    # The official loader casts every stored tensor to the load dtype, then takes ages as int32 (truncated)
+    # and recall frequencies as fp32: in bf16, ages keep 8 significant bits, which can tie or reorder them.
     return new_state(model, stm.to(model.dtype), [x.to(model.dtype) for x in per("ltm")],
                      [x.to(model.dtype) for x in per("ltm_keys")],
-                     [x.float().long() for x in per("ltm_ages")],  # truncated, as the official loader does
-                     [x.double() for x in per("ltm_recall_frequencies")])
+                     [x.to(model.dtype).float().long() for x in per("ltm_ages")],
+                     [x.to(model.dtype).float().double() for x in per("ltm_recall_frequencies")])
 
 
 def from_llama(cls, path: str | Path, memory: MemoryConfig, seed: int, dtype: torch.dtype):
@@ -144,6 +152,8 @@ def save(model, path: str | Path, state: MemoryState) -> None:
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight")
     tensors["memory"] = state.stm.contiguous()
+    if not state.has_ltm:  # MemoryLLM's buffer, as the official class saves it
+        tensors["initialized"] = torch.tensor(int(state.initialized), dtype=torch.uint8)
     if state.has_ltm:
         for l in range(state.num_layers):
             tensors[f"ltm.{l}"], tensors[f"ltm_keys.{l}"] = state.ltm[l].contiguous(), state.ltm_keys[l].contiguous()

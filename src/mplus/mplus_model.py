@@ -9,6 +9,8 @@ and the input tokens follow at positions P = 1 + num_blocks*K onwards (injection
 runs the write adapter and returns, per layer, the last K outputs: the new memory block, which replaces K
 random STM rows; M+ moves the dropped rows to a cache that is merged into the LTM every few updates.
 Generation runs the read adapter and, in M+, retrieves K0 LTM rows per layer, once, from the prompt.
+A MemoryLLM state that is not yet initialized has no prefix at all (positions from 0) until its first
+injection, whose block is tiled over the whole STM (docs/departures.md lists where we differ from the official code).
 
 Notation: L layers, T tokens, N STM rows, K rows per update, K0 retrieved rows, d hidden size, d_s key size.
 """
@@ -22,7 +24,7 @@ from torch import nn
 
 from . import ltm as L
 from . import mplus_checkpoint
-from .config import LlamaConfig
+from .config import ConfigError, LlamaConfig
 from .generate import collect, decode_loop, prompt_tensor
 from .kv_cache import KVCache
 from .lora import READ, WRITE, LoRALinear, wrap_with_lora
@@ -39,6 +41,11 @@ MIN_CHUNK = 16  # the shortest chunk the official training ever injected
 class MPlus(nn.Module):
     def __init__(self, config: LlamaConfig, memory: MemoryConfig):
         super().__init__()
+        n_drop = L.official_drop_count(memory.stm_size, memory.num_blocks)
+        if memory.kind == "memoryllm" and n_drop != memory.num_tokens:
+            raise ConfigError(f"num_blocks {memory.num_blocks}: the official MemoryLLM would drop {n_drop} rows per "
+                              f"update instead of {memory.num_tokens} and grow its pool; choose another num_blocks "
+                              "(50 as memoryllm-8b)")
         self.config, self.memory_config = config, memory
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -133,6 +140,8 @@ class MPlus(nn.Module):
                              f"{tuple(state.stm_ages.shape)}), the model needs {want}: it belongs to another model")
         if not state.has_ltm:
             return
+        if not state.initialized:
+            raise ValueError("this state has a long-term memory but is marked uninitialized, which only MemoryLLM has")
         if self.memory_config.kind != "mplus":
             raise ValueError("this state has a long-term memory, but the model is MemoryLLM (no retriever)")
         lists = (state.ltm, state.ltm_keys, state.ltm_ages, state.ltm_rf, state.cache_rows, state.cache_keys,
@@ -183,35 +192,50 @@ class MPlus(nn.Module):
         """
         self._check_state(state)
         T = ids.shape[0]
-        cos, sin = self._cos_sin(self.memory_config.virtual_prefix + torch.arange(T))  # [T, D] each
+        cos, sin = self._cos_sin(self._first_position(state) + torch.arange(T))  # [T, D] each
         x = self.model.embed_tokens(ids)[None]  # [1, T, d]
-        n_prefix = None
+        n_prefix = 0
         for l, layer in enumerate(self.model.layers):
-            source, index = self.retrieve(state, l, x[0, :query_len])  # [r] each
-            stm_k, stm_v = self._stm_kv(state, l)  # [1, H_kv, 1 + N, D] each
-            if source.numel():
-                pool = torch.cat((state.ltm[l], state.cache_rows[l]))  # [S + c, d]
-                rows = pool[index + source * state.ltm[l].shape[0]][None]  # [1, r, d]
-                ltm_k, ltm_v = layer.prefix_kv(rows, *self._cos_sin(torch.arange(1, 1 + source.numel())), READ)
-                prefix_kv = (torch.cat((stm_k[:, :, :1], ltm_k, stm_k[:, :, 1:]), 2),
-                             torch.cat((stm_v[:, :, :1], ltm_v, stm_v[:, :, 1:]), 2))  # [1, H_kv, 1 + r + N, D]
-            else:
-                prefix_kv = (stm_k, stm_v)
-            n_prefix = prefix_kv[0].shape[2]
+            prefix_kv, source, index = self._read_prefix(state, l, x[0, :query_len])
+            n_prefix = 0 if prefix_kv is None else prefix_kv[0].shape[2]
             if record is not None:
                 record.append({"layer_input": x[0], "source": source, "index": index})
             x = layer(x, cos, sin, prefix_kv=prefix_kv, cache=cache, layer=l, adapter=READ,
                       last_only=last_only and l == len(self.model.layers) - 1)  # [1, T, d]
+            if record is not None:
+                record[-1]["layer_output"] = x[0]
         if cache is not None:
             cache.advance(n_prefix + T)
         return self.lm_head(self.model.norm(x)).float()  # [1, T or 1, V]
+
+    def _first_position(self, state: MemoryState) -> int:
+        """The position of the first input token: after the whole virtual prefix, or 0 with no memory yet."""
+        return self.memory_config.virtual_prefix if state.initialized else 0
+
+    def _read_prefix(self, state: MemoryState, l: int, layer_input: torch.Tensor):
+        """(prefix keys/values [1, H_kv, 1 + r + N, D] each or None, source [r], index [r]) of layer l.
+
+        No prefix for a MemoryLLM state that is not initialized: the official model is then a plain Llama.
+        """
+        source, index = self.retrieve(state, l, layer_input)  # [r] each
+        if not state.initialized:
+            return None, source, index
+        stm_k, stm_v = self._stm_kv(state, l)  # [1, H_kv, 1 + N, D] each
+        if not source.numel():
+            return (stm_k, stm_v), source, index
+        layer = self.model.layers[l]
+        pool = torch.cat((state.ltm[l], state.cache_rows[l]))  # [S + c, d]
+        rows = pool[index + source * state.ltm[l].shape[0]][None]  # [1, r, d]
+        ltm_k, ltm_v = layer.prefix_kv(rows, *self._cos_sin(torch.arange(1, 1 + source.numel())), READ)
+        return (torch.cat((stm_k[:, :, :1], ltm_k, stm_k[:, :, 1:]), 2),
+                torch.cat((stm_v[:, :, :1], ltm_v, stm_v[:, :, 1:]), 2)), source, index
 
     def forward(self, state: MemoryState, input_ids, *, strip_bos: bool = False,
                 record: list | None = None) -> torch.Tensor:
         """Logits [1, T, V] of input_ids (no BOS) reading the memory, with retrieval in M+.
 
-        record: if a list is given, one dict per layer is appended: the layer's input hidden states at the
-        tokens and the retrieved rows (source, index) in feeding order.
+        record: if a list is given, one dict per layer is appended: the layer's input and output hidden states at
+        the tokens ("layer_input", "layer_output") and the retrieved rows ("source", "index") in feeding order.
         """
         ids = self._check_ids(input_ids, strip_bos, "input")
         with torch.no_grad():
@@ -225,7 +249,7 @@ class MPlus(nn.Module):
         T = ids.shape[0]
         cache = KVCache(self.config, 1 + self.memory_config.ltm_retrieved + self.memory_config.stm_size + T
                         + max(max_new_tokens, 1), dtype=self.dtype)
-        position = [self.memory_config.virtual_prefix + T]
+        position = [self._first_position(state) + T]
 
         def step(token: int) -> torch.Tensor:
             cos, sin = self._cos_sin(torch.tensor([position[0]]))
@@ -281,46 +305,64 @@ class MPlus(nn.Module):
 
     @torch.no_grad()
     def inject(self, state: MemoryState, chunk_ids, *, generator: torch.Generator | None = None,
-               allow_short: bool = False, strip_bos: bool = False) -> torch.Tensor:
+               allow_short: bool = False, strip_bos: bool = False, record: list | None = None) -> torch.Tensor:
         """Write one chunk into the memory; returns the new memory [L, K, d] (one block per layer).
 
         generator draws the STM drops (default: the state's own). Chunks shorter than 16 tokens are refused
-        unless allow_short: the official training never injected fewer.
+        unless allow_short: the official training never injected fewer. record: as for encode.
         """
         self._check_state(state)
         ids = self._check_ids(chunk_ids, strip_bos, "chunk")
         if ids.shape[0] < MIN_CHUNK and not allow_short:
             raise ValueError(f"the chunk has {ids.shape[0]} tokens; M+ was trained on chunks of at least "
                              f"{MIN_CHUNK} (pass allow_short=True to inject it anyway)")
-        delta = self.encode(state.stm, ids)
+        delta = self.encode(state.stm, ids, initialized=state.initialized, record=record)
         self.write(state, delta, generator or state.generator)
         return delta
 
-    def encode(self, stm: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def encode(self, stm: torch.Tensor, ids: torch.Tensor, *, initialized: bool = True,
+               record: list | None = None) -> torch.Tensor:
         """The new memory block [L, K, d] that chunk ids [n] writes, given the STM [L, N, d] it follows.
 
         Per layer the prefix is [bos, the last K STM rows], the write adapter is active, and the positional
         embedding of new memory is added to the last K positions. Differentiable: training backpropagates
         through it into the write adapter and the two embeddings.
+        initialized False (MemoryLLM before its first write): no prefix, positions from 0, a block of min(K, n)
+        rows. record: if a list is given, one dict per layer gets the layer's outputs ("layer_output").
         """
         n, K, N = ids.shape[0], self.memory_config.num_tokens, self.memory_config.stm_size
-        cos, sin = self._cos_sin(torch.arange(1 + K + n))  # [1 + K + n, D]: bos 0, memory 1..K, chunk K+1..
-        p = min(1 + K, 1 + n)  # query boundary: with n < K the last K - n memory rows are queries too
+        e = self.new_memory_positional_emb  # [1, 1, d]
+        cos, sin = self._cos_sin(torch.arange(1 + K + n if initialized else n))  # bos 0, memory 1..K, chunk K+1..
+        p = min(1 + K, 1 + n) if initialized else 0  # query boundary: with n < K, K - n memory rows query too
         x = self.model.embed_tokens(ids)[None]  # [1, n, d]
         new = []
         for l, layer in enumerate(self.model.layers):
-            seq = torch.cat((self.bos_embedding[l][None], stm[l, N - K:][None], x), 1)  # [1, 1 + K + n, d]
-            seq = torch.cat((seq[:, :-K], seq[:, -K:] + self.new_memory_positional_emb), 1)
-            prefix_kv = layer.prefix_kv(seq[:, :p], cos[:p], sin[:p], WRITE)
+            seq = torch.cat((self.bos_embedding[l][None], stm[l, N - K:][None], x), 1) if initialized else x
+            seq = torch.cat((seq[:, :-K], seq[:, -K:] + e), 1)  # [1, 1 + K + n or n, d]
+            prefix_kv = layer.prefix_kv(seq[:, :p], cos[:p], sin[:p], WRITE) if p else None
             out = layer(seq[:, p:], cos[p:], sin[p:], prefix_kv=prefix_kv, adapter=WRITE)  # [1, max(n, K), d]
+            if record is not None:
+                record.append({"layer_output": out[0]})
             new.append(out[0, -K:])
             x = out[:, -n:]
-        return torch.stack(new)  # [L, K, d]
+        delta = torch.stack(new)  # [L, K or min(n, K), d]
+        if not initialized:  # official aliasing: layer l + 1 adds e in place to the very rows of layer l's block
+            delta = torch.cat((delta[:-1] + e, delta[-1:]))
+        return delta
 
     @torch.no_grad()
     def write(self, state: MemoryState, delta: torch.Tensor, g: torch.Generator) -> None:
-        """Drop K random STM rows per layer (layer 0 first), append the new block, age and cache the dropped rows."""
+        """Drop K random STM rows per layer (layer 0 first), append the new block, age and cache the dropped rows.
+
+        An uninitialized MemoryLLM state instead becomes the block tiled over all N rows, with no random draw.
+        """
         K, N = self.memory_config.num_tokens, self.memory_config.stm_size
+        if not state.initialized:
+            index = L.tile_index(N, delta.shape[1])  # [N]
+            fresh = torch.arange(delta.shape[1] - 1, -1, -1, dtype=state.stm_ages.dtype)  # [n], as write_block
+            state.stm, state.stm_ages = delta[:, index].to(state.stm.dtype), fresh[index].repeat(state.num_layers, 1)
+            state.stm_kv, state.initialized = None, True
+            return
         shared = None if self.memory_config.drop_memory_per_layer else L.draw_drop(N, K, g)
         stm, ages, dropped = [], [], []
         for l in range(state.num_layers):

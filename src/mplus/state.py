@@ -40,6 +40,9 @@ class MemoryState:
     # The fingerprint of the weights that wrote this memory (mplus.fingerprint), saved in the file's header so
     # that a load into another model of the same shape is refused; None when unknown.
     weights: str | None = None
+    # MemoryLLM only (arXiv 2402.04624; the official `initialized` buffer): False until the first injection, which
+    # fills the whole STM with copies of its block; until then the model reads no memory at all.
+    initialized: bool = True
     # Derived, never saved: per-layer STM keys/values for the read adapter, valid until the next update.
     stm_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = dataclasses.field(default=None, repr=False)
 
@@ -60,7 +63,7 @@ class MemoryState:
             stm=self.stm.clone(), stm_ages=self.stm_ages.clone(), ltm=clone(self.ltm), ltm_keys=clone(self.ltm_keys),
             ltm_ages=clone(self.ltm_ages), ltm_rf=clone(self.ltm_rf), cache_rows=clone(self.cache_rows),
             cache_keys=clone(self.cache_keys), cache_ages=clone(self.cache_ages), update_step=self.update_step,
-            generator=g, weights=self.weights, stm_kv=None)
+            generator=g, weights=self.weights, initialized=self.initialized, stm_kv=None)
 
     def without_ltm(self) -> "MemoryState":
         """A copy that behaves as MemoryLLM: the same STM, no long-term memory (dropped rows are forgotten)."""

@@ -43,6 +43,8 @@ def check_layout(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     need(meta.get("num_layers") == L, f"num_layers {meta.get('num_layers')!r} disagrees with the STM's {L} layers")
     step = meta.get("update_step")
     need(ints([step], 1, 0) and step <= MAX_AGE, f"update_step must be an integer in [0, 2^53], got {step!r}")
+    need(type(meta.get("initialized", True)) is bool and (meta.get("initialized", True) or meta["kind"] == "memoryllm"),
+         f"initialized must be true or false (false only for MemoryLLM), got {meta.get('initialized')!r}")
     need(type(meta.get("generator_device")) is str and len(meta["generator_device"]) <= 32,
          "the random generator's device is not recorded")
     for field in ("weights", "hmac"):  # the fingerprint and the signature

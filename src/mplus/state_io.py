@@ -3,8 +3,8 @@
 Tensors: `stm` [L, N, d], `stm_ages` [L, N], `generator_state` (uint8) and, for M+ only, per layer l:
 `ltm.{l}` [S_l, d], `ltm_keys.{l}` [S_l, d_s], `ltm_ages.{l}` [S_l], `ltm_rf.{l}` [S_l], `cache_rows.{l}` [c_l, d],
 `cache_keys.{l}` [c_l, d_s], `cache_ages.{l}` [c_l]. The safetensors metadata holds one JSON document under
-"mplus_state": format, version, kind, sizes, dtypes, update_step, the fingerprint of the weights that wrote the
-memory (mplus.fingerprint), a sha256 over that document and every tensor (name, dtype, shape, bytes), so an
+"mplus_state": format, version, kind, sizes, dtypes, update_step, initialized (false only for a MemoryLLM pool
+never written), the fingerprint of the weights that wrote the memory (mplus.fingerprint), a sha256 over that document and every tensor (name, dtype, shape, bytes), so an
 edited byte anywhere in the file is detected, and, when saved with a key, an HMAC-SHA256 of that sha256, so only
 a holder of the key can write a file that loads with it. docs/memory-files.md describes the format for users.
 
@@ -34,7 +34,7 @@ FORMAT, VERSION, META_KEY = "mplus-state", 2, "mplus_state"
 READS = (1, 2)  # version 2 added the weights fingerprint and the keyed signature; a version-1 file has neither
 MAX_HEADER = 1 << 20  # bytes of the JSON document; a real one is a few hundred
 META_FIELDS = {"format", "version", "kind", "num_layers", "stm_shape", "dtype", "key_dim", "key_dtype", "ltm_sizes",
-               "cache_sizes", "update_step", "generator_device", "weights", "sha256", "hmac"}
+               "cache_sizes", "update_step", "generator_device", "initialized", "weights", "sha256", "hmac"}
 EXPECT_FIELDS = ("kind", "num_layers", "num_stm_rows", "hidden_size", "key_dim", "dtype")  # "weights" is optional
 MIN_KEY = 16  # bytes; secrets.token_bytes(32) is the way to make one
 
@@ -55,6 +55,7 @@ def save_state(state: MemoryState, path: str | os.PathLike, key: bytes | None = 
         "cache_sizes": [len(x) for x in state.cache_rows] if state.has_ltm else None,
         "update_step": int(state.update_step), "generator_device": str(state.generator.device),
         "weights": state.weights,
+        "initialized": bool(state.initialized),
     }
     try:  # a malformed state fails now, with its cause, rather than at the next load
         check_layout(tensors, meta)
@@ -109,7 +110,8 @@ def load_state(path: str | os.PathLike, expect: Mapping | object | None = None,
     L, mplus = meta["num_layers"], meta["kind"] == "mplus"
     per_layer = {f: [tensors[f"{f}.{l}"] for l in range(L)] if mplus else None for f in PER_LAYER}
     return MemoryState(stm=tensors["stm"], stm_ages=tensors["stm_ages"], **per_layer, update_step=meta["update_step"],
-                       generator=generator, weights=meta.get("weights"), stm_kv=None)
+                       generator=generator, weights=meta.get("weights"),
+                       initialized=meta.get("initialized", True), stm_kv=None)
 
 
 def describe_state(state: MemoryState, bins: int = 8) -> str:
