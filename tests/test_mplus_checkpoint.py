@@ -72,7 +72,7 @@ def test_mplus_from_llama_starts_with_an_empty_ltm_and_answers(tmp_path):
 @pytest.mark.parametrize("edit, error, message", [
     (lambda c, t: c.pop("num_tokens"), ConfigError, "num_tokens"),
     (lambda c, t: c.update(update_ltm_mode="decouple"), ConfigError, "update_ltm_mode"),
-    (lambda c, t: t.update(memory=torch.zeros(3, 31, 64)), StateError, "'memory' has shape"),
+    (lambda c, t: t.update(memory=torch.zeros(3, 31, 64)), ConfigError, "tensor 'memory' has shape"),
     (lambda c, t: t.pop("model.layers.1.self_attn.key_proj.2.weight"), WeightsError, "key_proj.2.weight"),
     (lambda c, t: t.update({"bos_embedding": torch.zeros(3, 1, 63)}), WeightsError, "bos_embedding"),
     (lambda c, t: t.pop("ltm_ages.2"), WeightsError, "ltm_ages.2"),

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from .config import ConfigError
 from .config_values import boolean, integer, number, show, string
+from .ltm import official_drop_count
 
 LORA_TARGETS = ("q_proj", "v_proj", "k_proj", "up_proj", "down_proj", "gate_proj")
 # Ceilings far above the released models (K 256, 50 blocks, LoRA r 16, d_s 256): past them a config is corrupt.
@@ -60,6 +61,11 @@ class MemoryConfig:
         _set(self, "decay_frequency", number("decay_frequency", self.decay_frequency, above=0))
         _set(self, "initial_rf_when_moving_stm_to_ltm",
              number("initial_rf_when_moving_stm_to_ltm", self.initial_rf_when_moving_stm_to_ltm, above=0))
+        n_drop = official_drop_count(self.stm_size, self.num_blocks)
+        if self.kind == "memoryllm" and n_drop != self.num_tokens:
+            raise ConfigError(f"num_blocks {self.num_blocks}: the official MemoryLLM would drop {n_drop} rows per "
+                              f"update instead of {self.num_tokens} and grow its pool; choose another num_blocks "
+                              "(50 as memoryllm-8b)")
         if not boolean("drop_memory_per_layer", self.drop_memory_per_layer) and self.kind == "mplus":
             raise ConfigError("M+ always drops its STM rows with one permutation per layer (so does the official "
                               "code, whatever the flag says); drop_memory_per_layer=False is for MemoryLLM only")
@@ -101,7 +107,7 @@ class MemoryConfig:
         fields = dict(kind="mplus" if mplus else "memoryllm", num_tokens=need("num_tokens"),
                       num_blocks=need("num_blocks"), lora_r=optional("r", 16, lora),
                       lora_alpha=optional("lora_alpha", 32, lora), lora_targets=tuple(targets),
-                      drop_memory_per_layer=optional("drop_memory_per_layer", True))
+                      drop_memory_per_layer=boolean("drop_memory_per_layer", optional("drop_memory_per_layer", True)))
         if mplus:
             if optional("update_ltm_mode", "immediate") != "immediate":
                 raise ConfigError(f"update_ltm_mode {show(raw['update_ltm_mode'])} is not supported; only 'immediate' "

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import ltm as L
 from . import mplus_checkpoint
-from .config import ConfigError, LlamaConfig
+from .config import LlamaConfig
 from .generate import collect, decode_loop, prompt_tensor
 from .kv_cache import KVCache
 from .lora import READ, WRITE, LoRALinear, wrap_with_lora
@@ -41,11 +41,6 @@ MIN_CHUNK = 16  # the shortest chunk the official training ever injected
 class MPlus(nn.Module):
     def __init__(self, config: LlamaConfig, memory: MemoryConfig):
         super().__init__()
-        n_drop = L.official_drop_count(memory.stm_size, memory.num_blocks)
-        if memory.kind == "memoryllm" and n_drop != memory.num_tokens:
-            raise ConfigError(f"num_blocks {memory.num_blocks}: the official MemoryLLM would drop {n_drop} rows per "
-                              f"update instead of {memory.num_tokens} and grow its pool; choose another num_blocks "
-                              "(50 as memoryllm-8b)")
         self.config, self.memory_config = config, memory
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
