@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .io import atomic_path
+from .safetensors_file import write_file
 from .state import MemoryState
 
 FORMAT, VERSION, META_KEY = "mplus-state", 1, "mplus_state"
@@ -54,7 +54,7 @@ def save_state(state: MemoryState, path: str | os.PathLike) -> None:
         raise StateError(f"cannot save the memory state to {path}: {e}") from None
     meta["sha256"] = _digest(meta, tensors)
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        write_file(tmp, tensors, {META_KEY: json.dumps(meta, sort_keys=True)})  # no temp file of its own
 
 
 def load_state(path: str | os.PathLike, expect: Mapping | object | None = None) -> MemoryState:
