@@ -127,8 +127,8 @@ def read_tensor(f, info: dict, data_start: int, dest: torch.Tensor | None = None
     return t
 
 
-def write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """Write `tensors` as one safetensors file and return the sha256 of its bytes.
+def write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], sha256: bool = False) -> str:
+    """Write `tensors` as one safetensors file; return the sha256 of its bytes if asked (costs ~1 s per GB).
 
     Tensors are laid out widest dtype first (as the safetensors library does), so each starts aligned to its
     dtype; each is made contiguous only while it is written, so a packed model is never copied whole.
@@ -145,15 +145,17 @@ def write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[s
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    digest = hashlib.sha256()
+    digest = hashlib.sha256() if sha256 else None
     with open(path, "wb") as f:
         for chunk in (struct.pack("<Q", len(raw)), raw):
             f.write(chunk)
-            digest.update(chunk)
+            if digest is not None:
+                digest.update(chunk)
         for name in order:
             t = tensors[name].detach()
             if t.numel():
                 data = t.cpu().contiguous().view(-1).view(torch.uint8).numpy()  # [nbytes]
                 f.write(data)
-                digest.update(data)
-    return digest.hexdigest()
+                if digest is not None:
+                    digest.update(data)
+    return digest.hexdigest() if digest is not None else ""
