@@ -102,3 +102,23 @@ def test_a_state_that_does_not_fit_is_refused_clearly():
         model.inject(model.initial_state(), [])
     with pytest.raises(ValueError, match="allow_short"):
         model.inject_document(model.initial_state(), torch.arange(3, 10))
+
+
+def test_sharded_save_holds_the_same_tensors_and_loads(tmp_path):
+    model = MPlus.from_pretrained(FIXTURE)
+    state = model.initial_state()
+    model.inject(state, torch.arange(3, 23))  # a memory that differs from the stored one
+    model.save_pretrained(tmp_path / "one", state)
+    model.save_pretrained(tmp_path / "sharded", state, max_shard_bytes=1 << 16)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    whole, parts = load_file(tmp_path / "one" / "model.safetensors"), {}
+    for shard in shards:
+        parts.update(load_file(tmp_path / "sharded" / shard))
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+    back, one = MPlus.from_pretrained(tmp_path / "sharded"), MPlus.from_pretrained(tmp_path / "one")
+    assert torch.equal(back.checkpoint_state.stm, state.stm)
+    assert all(torch.equal(a, b) for a, b in zip(back.checkpoint_state.ltm, state.ltm))
+    ids = torch.arange(3, 12)
+    assert torch.equal(back(back.initial_state(), ids), one(one.initial_state(), ids))

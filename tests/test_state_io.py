@@ -123,11 +123,11 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     make_state(seed=1).save(path)
     before = path.read_bytes()
 
-    def crash(tensors, filename, metadata=None):
+    def crash(filename, tensors, metadata=None):
         open(filename, "wb").write(b"partial")  # half a file, then the process "dies"
         raise OSError("disk full")
 
-    monkeypatch.setattr(state_io, "save_file", crash)
+    monkeypatch.setattr(state_io, "write_file", crash)
     with pytest.raises(OSError, match="disk full"):
         make_state(seed=2).save(path)
     assert path.read_bytes() == before  # the previous state is intact

@@ -174,7 +174,10 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: cannot open ({e.strerror})") from None
         if size < 24:
             raise GGUFError(f"{self.path}: not a GGUF file (only {size} bytes, the header alone is 24)")
-        self._data = np.memmap(self.path, dtype=np.uint8, mode="r")  # [file bytes]
+        try:
+            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")  # [file bytes]
+        except (OSError, ValueError) as e:  # a folder, no permission, a file that shrank since the stat
+            raise GGUFError(f"{self.path}: cannot map the file ({getattr(e, 'strerror', None) or e})") from None
         cur = _Cursor(memoryview(self._data), self.path)
         self.version, tensor_count, kv_count = self._header(cur)
         self.metadata: dict[str, Any] = {}

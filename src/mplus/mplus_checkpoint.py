@@ -144,22 +144,25 @@ def from_llama(cls, path: str | Path, memory: MemoryConfig, seed: int, dtype: to
     return model.eval()
 
 
-def save(model, path: str | Path, state: MemoryState) -> None:
-    """config.json and model.safetensors in the official layout: weights, `memory` and the LTM of `state`."""
+def save(model, path: str | Path, state: MemoryState, max_shard_bytes: int | None = None) -> None:
+    """config.json and the safetensors files in the official layout: weights, `memory` and the LTM of `state`.
+
+    As weights.save_state: one model.safetensors, or shards of at most max_shard_bytes with an index; a save
+    killed at any moment leaves the old or the new checkpoint, never a mix.
+    """
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight")
-    tensors["memory"] = state.stm.contiguous()
+    tensors["memory"] = state.stm
     if not state.has_ltm:  # MemoryLLM's buffer, as the official class saves it
         tensors["initialized"] = torch.tensor(int(state.initialized), dtype=torch.uint8)
     if state.has_ltm:
         for l in range(state.num_layers):
-            tensors[f"ltm.{l}"], tensors[f"ltm_keys.{l}"] = state.ltm[l].contiguous(), state.ltm_keys[l].contiguous()
+            tensors[f"ltm.{l}"], tensors[f"ltm_keys.{l}"] = state.ltm[l], state.ltm_keys[l]
             tensors[f"ltm_ages.{l}"] = state.ltm_ages[l].float()
             tensors[f"ltm_recall_frequencies.{l}"] = state.ltm_rf[l].float()
-    save_state(tensors, folder)
+    save_state(tensors, folder, max_shard_bytes)
     config = {**model.config.to_dict(), **model.memory_config.to_dict(), "architectures": [type(model).__name__],
               "ltm_initial_size": max((x.shape[0] for x in state.ltm), default=0) if state.has_ltm else 0}
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")

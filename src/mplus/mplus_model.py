@@ -101,12 +101,14 @@ class MPlus(nn.Module):
                 "key_dim": mem.selector_hidden_dim if mem.kind == "mplus" else None,
                 "weights": weights_fingerprint(self)}
 
-    def save_pretrained(self, path: str | Path, state: MemoryState | None = None) -> None:
-        """Write the official layout: config.json and model.safetensors with weights, `memory` and the LTM.
+    def save_pretrained(self, path: str | Path, state: MemoryState | None = None,
+                        max_shard_bytes: int | None = None) -> None:
+        """Write the official layout: config.json and model.safetensors with weights, `memory` and the LTM
+        (sharded with an index if max_shard_bytes); a save killed at any moment leaves the old or the new folder.
 
         The layout has no place for STM ages, the dropped-row cache or the generator: state.save() keeps those.
         """
-        mplus_checkpoint.save(self, path, state or self.checkpoint_state)
+        mplus_checkpoint.save(self, path, state or self.checkpoint_state, max_shard_bytes)
 
     # ----------------------------------------------------------------------------------------- checks
 

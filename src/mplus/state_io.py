@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .io import atomic_path
+from .safetensors_file import write_file
 from .state import MemoryState, StateError
 from .state_check import PER_LAYER, ROWS, check_layout, check_values
 
@@ -66,7 +66,7 @@ def save_state(state: MemoryState, path: str | os.PathLike, key: bytes | None = 
     if key is not None:
         meta["hmac"] = _sign(key, meta["sha256"])
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        write_file(tmp, tensors, {META_KEY: json.dumps(meta, sort_keys=True)})  # no temp file of its own
 
 
 def load_state(path: str | os.PathLike, expect: Mapping | object | None = None,

@@ -7,113 +7,117 @@ model.safetensors.index.json, so a layer whose tensors straddle two shards loads
 
 Every name and shape is checked against the module before any data is read: a missing, unexpected or
 mis-shaped tensor is an error that names it.
+
+Saving over an existing checkpoint is all-or-nothing at every instant, so a kill at any moment leaves the old
+or the new model, never a mix: see save_state.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import struct
+import re
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .config import LlamaConfig
-from .io import atomic_path, atomic_write_text
+from .io import atomic_path, atomic_write_text, commit, fsync_dir, remove_stale_temps, temp_path
 from .packing import materialize, pack_for_inference
+from .safetensors_file import DTYPES, WeightsError, parse_json, read_header, read_tensor, short, write_file
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 # Older checkpoints carry RoPE tables; they are derived from the config here, so they are skipped.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+MAX_INDEX_BYTES = 100 << 20  # an 8B model's index is ~25 kB
+DIGESTS_KEY = "mplus_sha256"  # index metadata: shard file -> sha256 of its bytes, written by save_state
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}(-[0-9a-f]{16})?\.safetensors")  # HF's, or save_state's
+FORMAT_METADATA = {"format": "pt"}  # what transformers expects in a safetensors header
 
 
-class WeightsError(ValueError):
-    """A checkpoint file that is malformed or does not fit the model."""
+# --------------------------------------------------------------------------------------- checkpoint folders
 
-
-# --------------------------------------------------------------------------------------- safetensors files
-
-def read_header(path: Path) -> tuple[dict, int]:
-    """The tensor table of a .safetensors file and the byte offset where its data starts; validated."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise WeightsError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 << 20:
-            raise WeightsError(f"{path}: header length {n} does not fit the file of {size} bytes (truncated?)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightsError(f"{path}: the safetensors header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise WeightsError(f"{path}: the safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_start = 8 + n
-    for name, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape, (begin, end) = [int(s) for s in info["shape"]], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise WeightsError(f"{path}: tensor '{name}' has a malformed entry {info!r}") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
-            raise WeightsError(f"{path}: tensor '{name}' has inconsistent shape {shape} and offsets {[begin, end]}")
-        if data_start + end > size:
-            raise WeightsError(f"{path}: tensor '{name}' ends past the end of the file (truncated download?)")
-    return header, data_start
-
-
-def read_tensor(f, info: dict, data_start: int, dest: torch.Tensor | None = None) -> torch.Tensor:
-    """Read one tensor from an open file: straight into `dest` when its dtype and layout allow, else into a
-    fresh buffer (then copied and cast into `dest` if given)."""
-    dtype = SAFETENSORS_DTYPES[info["dtype"]]
-    direct = dest is not None and dest.dtype == dtype and dest.is_contiguous()
-    t = dest if direct else torch.empty(info["shape"], dtype=dtype)
-    if t.numel():
-        f.seek(data_start + info["data_offsets"][0])
-        view = t.view(-1).view(torch.uint8).numpy()
-        if f.readinto(view) != view.nbytes:
-            raise WeightsError(f"{f.name}: unexpected end of file")
-    if dest is not None and not direct:
-        dest.copy_(t)
-        return dest
-    return t
-
-
-def checkpoint_index(folder: Path) -> dict[str, tuple[Path, dict, int]]:
+def checkpoint_index(folder: Path, verify: bool = False) -> dict[str, tuple[Path, dict, int]]:
     """Tensor name -> (file, header entry, data start) for every tensor of a checkpoint folder, driven by
-    model.safetensors.index.json when there is one (a layer's tensors may then sit in two shards)."""
+    model.safetensors.index.json when there is one (a layer's tensors may then sit in two shards).
+
+    Every file must lie inside the folder (no path, no link out of it). verify: check each shard against the
+    sha256 its index records (indexes written by save_state; official ones record none), before any data is read.
+    """
     index_file, single = folder / INDEX_FILE, folder / SINGLE_FILE
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise WeightsError(f"{index_file} is not a valid safetensors index (needs a 'weight_map' object)") from None
-        where = {name: folder / file for name, file in weight_map.items()}
+        weight_map, digests = _read_index(folder)
+        paths = {file: _inside(folder, file) for file in set(weight_map.values())}
+        where = {name: paths[file] for name, file in weight_map.items()}
     elif single.is_file():
-        where = None  # every tensor of the one file
+        where, digests = None, {}  # every tensor of the one file
+        _inside(folder, SINGLE_FILE)
     else:
         raise WeightsError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
     headers = {path: read_header(path) for path in (set(where.values()) if where else {single})}
+    if verify:
+        for file, digest in digests.items():
+            if _sha256(folder / file) != digest:
+                raise WeightsError(f"{folder / file} does not match the sha256 its index records: the file is "
+                                   "damaged or from another save; save the model again or restore the folder")
     if where is None:
         where = {name: single for name in headers[single][0]}
     index = {}
     for name, path in where.items():
         header, data_start = headers[path]
         if name not in header:
-            raise WeightsError(f"the index says {path.name} holds {name!r}, but that file does not")
+            raise WeightsError(f"the index says {path.name} holds {short(name)}, but that file does not")
         index[name] = (path, header[name], data_start)
     return index
+
+
+def _sha256(path: Path) -> str:
+    digest, buffer = hashlib.sha256(), bytearray(1 << 20)
+    view = memoryview(buffer)
+    try:
+        with open(path, "rb") as f:
+            while n := f.readinto(buffer):  # one reused buffer: 1.6x faster than read() chunks
+                digest.update(view[:n])
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read the file ({e.strerror})") from None
+    return digest.hexdigest()
+
+
+def _read_index(folder: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The weight map of an index file (tensor -> shard file name) and the shard sha256s it records, validated."""
+    path = _inside(folder, INDEX_FILE)
+    try:
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            raise WeightsError(f"{path} is larger than {MAX_INDEX_BYTES >> 20} MB; it is not a safetensors index")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read the file ({e.strerror})") from None
+    index = parse_json(raw, str(path))
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise WeightsError(f"{path} is not a valid safetensors index (needs a 'weight_map' object of file names)")
+    metadata = index.get("metadata") or {}
+    digests = metadata.get(DIGESTS_KEY, {}) if isinstance(metadata, dict) else None
+    if not isinstance(digests, dict) or not all(isinstance(d, str) and re.fullmatch("[0-9a-f]{64}", d)
+                                                for d in digests.values()) or set(digests) - set(weight_map.values()):
+        raise WeightsError(f"{path}: metadata.{DIGESTS_KEY} must map the index's shard files to sha256 hex digests")
+    return weight_map, digests
+
+
+def _inside(folder: Path, file: str) -> Path:
+    """folder / file, refusing a name that is not a plain file name or a link leading out of the folder."""
+    if not file or file in (".", "..") or any(c in file for c in "/\\\0"):
+        raise WeightsError(f"the index of {folder} names the shard {short(file)}, which is not a plain file name "
+                           "in the model folder; refusing it")
+    path = folder / file
+    if not path.is_file():
+        raise WeightsError(f"the index of {folder} names the shard {short(file)}, which is not in the folder "
+                           "(incomplete download or interrupted copy?)")
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise WeightsError(f"{path} is a link to a file outside the model folder; refusing it (copy the file "
+                           "into the folder instead)")
+    return path
 
 
 def iter_checkpoint(folder: Path, progress: bool = False) -> Iterable[tuple[str, torch.Tensor]]:
@@ -164,7 +168,7 @@ def load_state_into(model: torch.nn.Module, folder: Path, *,
     their destination (cast on the way where the dtypes differ), so no second copy of the weights exists.
     """
     expected = model.state_dict(keep_vars=True)
-    index = checkpoint_index(folder)
+    index = checkpoint_index(folder, verify=True)
     targets = {}
     for name in index:
         if not name.endswith(IGNORED_SUFFIXES) and rename(name) is not None:
@@ -182,7 +186,7 @@ def load_state_into(model: torch.nn.Module, folder: Path, *,
         info, want = index[name][1], expected[target]
         if tuple(info["shape"]) != tuple(want.shape):
             raise WeightsError(f"tensor '{name}' has shape {tuple(info['shape'])}, the model expects {tuple(want.shape)}")
-        if want.dtype.is_floating_point != SAFETENSORS_DTYPES[info["dtype"]].is_floating_point:
+        if want.dtype.is_floating_point != DTYPES[info["dtype"]].is_floating_point:
             raise WeightsError(f"tensor '{name}' has dtype {info['dtype']}, the model expects a "
                                f"{'floating point' if want.dtype.is_floating_point else 'integer'} tensor")
     with torch.no_grad():
@@ -219,10 +223,9 @@ def load_model(cls, path: str | Path, dtype: torch.dtype = torch.float32, progre
 
 
 def save_model(model, path: str | Path, max_shard_bytes: int | None = None) -> None:
-    """Write config.json and the weights in HF layout, atomically; sharded with an index if max_shard_bytes."""
+    """Write the weights in HF layout, then config.json; sharded with an index if max_shard_bytes (see save_state)."""
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_state(state, folder, max_shard_bytes)
@@ -230,6 +233,41 @@ def save_model(model, path: str | Path, max_shard_bytes: int | None = None) -> N
 
 
 def save_state(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int | None = None) -> None:
+    """Write `state` into `folder` as model.safetensors, or as shards of at most max_shard_bytes with an index.
+
+    The file that decides what the folder holds is replaced last, by one rename: model.safetensors unsharded,
+    the index sharded (the loader reads an index before a single file). Shards get names of their own content
+    (`model-00001-of-00003-<sha256 prefix>.safetensors`), so the files the old index names are never overwritten
+    and a kill before the index is renamed leaves the old model whole; the index records each shard's sha256,
+    which loading verifies. Files of the old layout go after the commit; leftovers of killed saves (temporary
+    files, shards no index names) at the start of the next save.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    _remove_unused_shards(folder, _named_shards(folder))
+    if not max_shard_bytes:
+        with atomic_path(folder / SINGLE_FILE) as tmp:
+            write_file(tmp, state, FORMAT_METADATA)
+        (folder / INDEX_FILE).unlink(missing_ok=True)  # an old index would shadow the new file: drop it next
+        _remove_unused_shards(folder, set())
+        return
+    shards, weight_map, digests = _split(state, max_shard_bytes), {}, {}
+    for i, shard in enumerate(shards):
+        stem = f"model-{i + 1:05d}-of-{len(shards):05d}"
+        with temp_path(folder, f"{stem}.safetensors") as tmp:
+            digest = write_file(tmp, shard, FORMAT_METADATA, sha256=True)
+            file = f"{stem}-{digest[:16]}.safetensors"
+            commit(tmp, folder / file)
+        weight_map.update(dict.fromkeys(shard, file))
+        digests[file] = digest
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total, DIGESTS_KEY: digests}, "weight_map": weight_map}
+    atomic_write_text(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n")  # the commit
+    (folder / SINGLE_FILE).unlink(missing_ok=True)
+    _remove_unused_shards(folder, set(digests))
+
+
+def _split(state: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list[dict[str, torch.Tensor]]:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in state.items():
@@ -239,21 +277,23 @@ def save_state(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: in
             size = 0
         shards[-1][name] = t
         size += nbytes
-    stale = [folder / SINGLE_FILE, folder / INDEX_FILE, *folder.glob("model-*-of-*.safetensors")]
-    written = []
-    if len(shards) == 1 and not max_shard_bytes:
-        files = [SINGLE_FILE]
-    else:
-        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for file, shard in zip(files, shards):
-        with atomic_path(folder / file) as tmp:
-            save_file(shard, str(tmp), metadata={"format": "pt"})
-        written.append(folder / file)
-    if files != [SINGLE_FILE]:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": {n: f for f, s in zip(files, shards) for n in s}}
-        atomic_write_text(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-        written.append(folder / INDEX_FILE)
-    for old in stale:  # a leftover file of the other layout would shadow or contradict the new one
-        if old not in written:
-            old.unlink(missing_ok=True)
+    return shards
+
+
+def _named_shards(folder: Path) -> set[str] | None:
+    """The shard files the folder's index names (none without an index; None if the index cannot be read)."""
+    if not (folder / INDEX_FILE).is_file():
+        return set()
+    try:
+        return set(_read_index(folder)[0].values())
+    except WeightsError:
+        return None  # not ours to judge: leave every file as it is
+
+
+def _remove_unused_shards(folder: Path, keep: set[str] | None) -> None:
+    if keep is None:
+        return
+    for path in folder.iterdir():
+        if SHARD_NAME.fullmatch(path.name) and path.name not in keep and not path.is_symlink() and path.is_file():
+            path.unlink(missing_ok=True)
+    fsync_dir(folder)
