@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import cli_args as arg
 from .config import LlamaConfig, RopeScaling
 from .memory_config import MemoryConfig
 from .model import Llama
@@ -152,13 +153,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--questions", type=int, default=10, help="questions per timing")
     p.add_argument("--prompt-len", type=int, default=24, help="tokens per question")
     p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per answer")
-    p.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")], default=[10**3, 10**4, 10**5, 10**6],
+    p.add_argument("--sizes", type=arg.int_list, default=[10**3, 10**4, 10**5, 10**6],
                    help="comma-separated LTM sizes (rows) for the retrieval benchmark")
     p.add_argument("--queries", type=int, default=32, help="query tokens in the retrieval benchmark")
     p.add_argument("--k0", type=int, default=512, help="rows retrieved in the retrieval benchmark")
     p.add_argument("--repeats", type=int, default=3, help="runs per timing (the median is printed)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=arg.positive_int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--seed", type=arg.seed_type(2**63 - 3), default=0, help="seeds the weights and the inputs")
     p.add_argument("--skip", choices=("generation", "retrieval"), action="append", default=[],
                    help="leave out one of the two measurements")
     args = p.parse_args(argv)

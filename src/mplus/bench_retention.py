@@ -27,6 +27,7 @@ import tokenizers
 import torch
 from tqdm import tqdm
 
+from . import cli_args as arg
 from .chart import line_chart
 from .facts import fact_paragraph, fresh_test_set, qa_prompt
 from .io import atomic_write_text
@@ -140,22 +141,21 @@ def summary(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mplus bench retention", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="M+ folder (default: the shipped tiny model, checkpoints/tiny-mplus)")
-    p.add_argument("--seed", type=int, default=0, help="draws the test people, fillers and drops (default 0)")
-    p.add_argument("--episodes", type=int, default=100, help="episodes per point (default 100)")
-    p.add_argument("--distances", default="0,1,2,4,8,16,32,64,128,192",
+    p.add_argument("--model", default=None, type=arg.model_folder_with_tokenizer, help="M+ folder (default: the shipped tiny model, checkpoints/tiny-mplus)")
+    # Episode i's memory drops are seeded with seed * 100_003 + i: seeds below 2^32 keep that within 63 bits.
+    p.add_argument("--seed", type=arg.seed_type(2**32 - 1), default=0,
+                   help="draws the test people, fillers and drops, 0..2^32-1 (default 0)")
+    p.add_argument("--episodes", type=arg.positive_int, default=100, help="episodes per point (default 100)")
+    p.add_argument("--distances", type=arg.int_list, default=[0, 1, 2, 4, 8, 16, 32, 64, 128, 192],
                    help="filler chunks after the fact, comma-separated (default 0,1,2,4,8,16,32,64,128,192)")
-    p.add_argument("--chunk-words", type=int, default=48, help="words per filler chunk (default 48)")
-    p.add_argument("--filler-words", type=int, default=12, help="filler words before the fact in its chunk (default 12)")
-    p.add_argument("--out", help="write the curve as CSV: model,distance_tokens,accuracy,n")
-    p.add_argument("--chart", help="write an SVG chart (default: next to --out, .svg)")
+    p.add_argument("--chunk-words", type=arg.positive_int, default=48, help="words per filler chunk (default 48)")
+    p.add_argument("--filler-words", type=arg.non_negative_int, default=12, help="filler words before the fact in its chunk (default 12)")
+    p.add_argument("--out", type=arg.output_file, help="write the curve as CSV: model,distance_tokens,accuracy,n")
+    p.add_argument("--chart", type=arg.output_file, help="write an SVG chart (default: next to --out, .svg)")
     args = p.parse_args(argv)
     from .paths import tiny_model_path
-    folder = Path(args.model) if args.model else tiny_model_path()
-    try:
-        distances = [int(x) for x in args.distances.split(",")]
-    except ValueError:
-        p.error("--distances must be comma-separated integers, e.g. 0,4,16")
+    folder = args.model or tiny_model_path()
+    distances = args.distances
     if min(distances) != 0:
         p.error("--distances must include 0 (d50 is relative to the distance-0 accuracy)")
     model = MPlus.from_pretrained(folder)

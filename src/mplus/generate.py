@@ -5,9 +5,35 @@ explicit torch.Generator, so the same seed gives the same tokens.
 """
 from __future__ import annotations
 
+import math
+import operator
 from typing import Callable, Iterable, Iterator
 
 import torch
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Refuse settings that would reach torch.multinomial as NaN or negative probabilities."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+
+
+def new_token_budget(max_new_tokens: int, used_positions: int, max_positions: int) -> int:
+    """max_new_tokens capped so that the sequence stays within the model's positions (max_position_embeddings):
+    a cache is then never sized by a huge request. used_positions: positions before the first new token.
+    Refuses a prompt that already passes the last position, or that fills it while new tokens are asked for."""
+    try:
+        max_new_tokens = operator.index(max_new_tokens)
+    except TypeError:
+        raise ValueError(f"max_new_tokens must be a whole number, got {max_new_tokens!r}") from None
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if used_positions > max_positions or (used_positions == max_positions and max_new_tokens > 0):
+        raise ValueError(f"the prompt needs {used_positions} positions but the model has {max_positions} "
+                         "(max_position_embeddings), leaving no room for new tokens: shorten the prompt")
+    return min(max_new_tokens, max_positions - used_positions)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -24,6 +50,7 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> int:
     """Pick the next token id from fp32 logits [V]."""
+    check_sampling(temperature, top_p)
     if temperature <= 0.0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # [V]
@@ -43,10 +70,9 @@ def decode_loop(prefill: Callable[[], torch.Tensor], step: Callable[[int], torch
                 max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None, stop: set[int] = frozenset()) -> Iterator[int]:
     """The sampling loop shared by every model: prefill() -> logits [V], then step(token) -> logits [V]."""
+    check_sampling(temperature, top_p)
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if max_new_tokens == 0:
         return
     with torch.inference_mode():
@@ -63,10 +89,13 @@ def decode_loop(prefill: Callable[[], torch.Tensor], step: Callable[[int], torch
 def generate_tokens(model, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
                     top_p: float = 1.0, generator: torch.Generator | None = None,
                     stop_ids: Iterable[int] | None = None) -> Iterator[int]:
-    """Yield new token ids one by one (streaming); stops after a stop id (yielded) or max_new_tokens."""
+    """Yield new token ids one by one (streaming); stops after a stop id (yielded) or max_new_tokens, which is
+    capped by the model's positions (see new_token_budget). Bad arguments raise ValueError on the call itself."""
     ids = prompt_tensor(prompt_ids)  # [1, T]
+    check_sampling(temperature, top_p)
+    max_new_tokens = new_token_budget(max_new_tokens, ids.shape[1], model.config.max_position_embeddings)
     cache = model.new_cache(ids.shape[1] + max(max_new_tokens, 1))
-    yield from decode_loop(lambda: model(ids, cache=cache, last_only=True)[0, -1],
+    return decode_loop(lambda: model(ids, cache=cache, last_only=True)[0, -1],
                            lambda token: model(torch.tensor([[token]]), cache=cache, last_only=True)[0, -1],
                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            generator=generator, stop=set(model.config.eos_token_id if stop_ids is None else stop_ids))

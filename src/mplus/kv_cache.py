@@ -21,6 +21,8 @@ class KVCache:
 
     def __init__(self, config: LlamaConfig, max_length: int, *, batch_size: int = 1,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        if not (isinstance(max_length, int) and max_length >= 1 and isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"max_length and batch_size must be whole numbers >= 1, got {max_length!r} and {batch_size!r}")
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)  # [L, B, H_kv, S_max, D]
         self.v = torch.empty(shape, dtype=dtype, device=device)  # [L, B, H_kv, S_max, D]

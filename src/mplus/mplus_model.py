@@ -25,7 +25,7 @@ from torch import nn
 from . import ltm as L
 from . import mplus_checkpoint
 from .config import LlamaConfig
-from .generate import collect, decode_loop, prompt_tensor
+from .generate import collect, decode_loop, new_token_budget, prompt_tensor
 from .kv_cache import KVCache
 from .lora import READ, WRITE, LoRALinear, wrap_with_lora
 from .memory_config import MemoryConfig
@@ -244,6 +244,8 @@ class MPlus(nn.Module):
         """Stream new tokens after prompt_ids: retrieval once from the prompt, then cached decoding."""
         ids = self._check_ids(prompt_ids, strip_bos, "prompt")
         T = ids.shape[0]
+        max_new_tokens = new_token_budget(max_new_tokens, self.memory_config.virtual_prefix + T,
+                                          self.config.max_position_embeddings)
         cache = KVCache(self.config, 1 + self.memory_config.ltm_retrieved + self.memory_config.stm_size + T
                         + max(max_new_tokens, 1), dtype=self.dtype)
         position = [self._first_position(state) + T]

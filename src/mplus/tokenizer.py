@@ -52,6 +52,16 @@ class Tokenizer:
         """Number of ids, added tokens included (128256 for Llama-3.1, 49152 for SmolLM2)."""
         return self.tok.get_vocab_size(with_added_tokens=True)
 
+    def check_model_vocab(self, model_vocab_size: int) -> None:
+        """Refuse a tokenizer that can produce ids the model has no embedding row for (they would be fed to the
+        model as out-of-range ids). A tokenizer with fewer ids than the model is fine (embedding tables are often
+        padded); decode() refuses any id it lacks, so a padded id that the model emits is never dropped silently."""
+        top = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1)
+        if top >= model_vocab_size:
+            raise ValueError(f"the tokenizer produces ids up to {top}, but the model's vocabulary has only "
+                             f"{model_vocab_size} ids (0..{model_vocab_size - 1}): they do not belong together; "
+                             "use the model's own tokenizer.json (--tokenizer, or the one in the model folder)")
+
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
 
@@ -61,8 +71,14 @@ class Tokenizer:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """Text of a sequence of ids (a list, or a 1-D tensor/array)."""
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """Text of a sequence of ids (a list, or a 1-D tensor/array). An id without a token is refused: the
+        `tokenizers` library would drop it without a word."""
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < 2**32 or self.tok.id_to_token(i) is None:  # tokenizers ids are u32
+                raise ValueError(f"token id {i} has no token in this tokenizer ({self.vocab_size} ids): the ids "
+                                 "come from a model with a larger vocabulary; use the model's own tokenizer.json")
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                             default_system: bool = True) -> str:
