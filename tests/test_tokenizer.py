@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mplus.gguf import GGUFFile
-from mplus.tokenizer import LLAMA3_DATE_HEADER, StreamDecoder, Tokenizer, chatml_chat, llama3_chat
+from mplus.tokenizer import LLAMA3_DATE_HEADER, StreamDecoder, Tokenizer, TokenizerError, chatml_chat, llama3_chat
 
 # spec/real-artifacts.md §4.2
 SMOLLM2_IDS = {
@@ -89,10 +89,10 @@ def test_plain_tokenizer_has_no_family(tmp_path):
 
 
 def test_from_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="mplus fetch"):
+    with pytest.raises(TokenizerError, match="mplus fetch"):
         Tokenizer.from_file(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not a valid tokenizer.json"):
+    with pytest.raises(TokenizerError, match="not a valid tokenizer.json"):
         Tokenizer.from_file(tmp_path / "tokenizer.json")
 
 

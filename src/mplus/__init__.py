@@ -6,14 +6,14 @@ from .memory_config import MemoryConfig
 from .model import Llama
 from .mplus_checkpoint import is_memory_checkpoint
 from .mplus_model import MPlus
-from .state import MemoryState
-from .tokenizer import StreamDecoder, Tokenizer
+from .state import MemoryState, StateError
+from .tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from .weights import WeightsError
 
 # One class serves both: the kind (M+ or MemoryLLM) is read from the checkpoint's config.json.
 MemoryLLM = MPlus
 
 __all__ = ["ConfigError", "KVCache", "Llama", "LlamaConfig", "MPlus", "MemoryConfig", "MemoryLLM", "MemoryState",
-           "RopeScaling", "StreamDecoder", "Tokenizer", "WeightsError", "generate", "generate_tokens",
+           "RopeScaling", "StateError", "StreamDecoder", "Tokenizer", "TokenizerError", "WeightsError", "generate", "generate_tokens",
            "is_memory_checkpoint", "sample_next"]
 __version__ = "0.1.0"

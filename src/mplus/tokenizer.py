@@ -25,6 +25,13 @@ _FAMILY_MARKERS = {"llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot
                    "chatml": ("<|im_start|>", "<|im_end|>")}
 
 
+MAX_FILE_BYTES = 256 << 20  # Llama-3.1's tokenizer.json is 9 MB
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that is missing or malformed, or a tokenizer that does not fit the model or the ids."""
+
+
 class Tokenizer:
     def __init__(self, tok: tokenizers.Tokenizer):
         self.tok = tok  # the underlying `tokenizers` object
@@ -41,11 +48,14 @@ class Tokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer file at {path} (run `mplus fetch` to create the real ones)")
+            raise TokenizerError(f"no tokenizer file at {path} (run `mplus fetch` to create the real ones)")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise TokenizerError(f"{path} has {path.stat().st_size} bytes, more than a tokenizer.json's "
+                                 f"{MAX_FILE_BYTES >> 20} MB; is it the right file?")
         try:
             return cls(tokenizers.Tokenizer.from_file(str(path)))
         except Exception as e:  # tokenizers raises a bare Exception for bad JSON or an unknown schema
-            raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
+            raise TokenizerError(f"{path} is not a valid tokenizer.json: {e}") from None
 
     @property
     def vocab_size(self) -> int:
@@ -58,7 +68,7 @@ class Tokenizer:
         padded); decode() refuses any id it lacks, so a padded id that the model emits is never dropped silently."""
         top = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1)
         if top >= model_vocab_size:
-            raise ValueError(f"the tokenizer produces ids up to {top}, but the model's vocabulary has only "
+            raise TokenizerError(f"the tokenizer produces ids up to {top}, but the model's vocabulary has only "
                              f"{model_vocab_size} ids (0..{model_vocab_size - 1}): they do not belong together; "
                              "use the model's own tokenizer.json (--tokenizer, or the one in the model folder)")
 
@@ -76,7 +86,7 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         for i in ids:
             if not 0 <= i < 2**32 or self.tok.id_to_token(i) is None:  # tokenizers ids are u32
-                raise ValueError(f"token id {i} has no token in this tokenizer ({self.vocab_size} ids): the ids "
+                raise TokenizerError(f"token id {i} has no token in this tokenizer ({self.vocab_size} ids): the ids "
                                  "come from a model with a larger vocabulary; use the model's own tokenizer.json")
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
