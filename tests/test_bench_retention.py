@@ -148,3 +148,18 @@ def test_in_context_reader_is_the_decoder_with_its_read_adapter(shipped):
     assert fits_in_context(model, limit - 16) and not fits_in_context(model, limit - 15)
     with pytest.raises(ValueError, match="exceed the model's"):
         in_context_reply(model, [5] * (limit - 15))
+
+
+def test_a_memory_with_too_short_an_ltm_cannot_be_grown_and_the_summary_says_so(shipped):
+    model, _ = shipped
+    short = copy.copy(model)
+    short.checkpoint_state = model.checkpoint_state.copy()
+    short.checkpoint_state.ltm = [x[:10] for x in short.checkpoint_state.ltm]  # 10 rows; K0 = 64 are needed
+    short.checkpoint_state.ltm_ages = [x[:10] for x in short.checkpoint_state.ltm_ages]
+    with pytest.raises(ValueError, match="holds 10 long-term rows, fewer than the 64 needed"):
+        same_size_memoryllm(short)
+    skipped = {**RESULT, "skipped": {"memoryllm_n192": "too few rows"},
+               "accuracy": {**RESULT["accuracy"], "memoryllm_n192": [None] * 3}}
+    text = summary(skipped)
+    assert "memoryllm_n192 not measured: too few rows" in text and "mplus / memoryllm_n192" not in text
+    assert not any(r.startswith("memoryllm_n192") for r in to_csv(skipped).splitlines())

@@ -107,15 +107,16 @@ def context_prompt(paragraph: str, chunks: list[str], question: str) -> str:
     return " ".join((paragraph, *chunks)) + "\n" + qa_prompt(question)
 
 
-def write_both(model: MPlus, state, big: MPlus, big_state, ids: list[int]) -> torch.Tensor:
+def write_both(model: MPlus, state, big: MPlus | None, big_state, ids: list[int]) -> torch.Tensor:
     """Inject a chunk into the M+ state and write the same block into the same-size MemoryLLM's: a block
     depends only on the last K STM rows (MPlus.encode), and both STMs end with the same K rows (checked),
     so the block is computed once. Returns it, [L, K, d]."""
     k = model.memory_config.num_tokens
-    if not torch.equal(state.stm[:, -k:], big_state.stm[:, -k:]):
+    if big is not None and not torch.equal(state.stm[:, -k:], big_state.stm[:, -k:]):
         raise ValueError("the two memories no longer end with the same block; inject into each separately")
     block = model.inject(state, ids, allow_short=True)  # [L, K, d]
-    big.write(big_state, block, big_state.generator)
+    if big is not None:
+        big.write(big_state, block, big_state.generator)
     return block
 
 
@@ -126,7 +127,11 @@ def run(model: MPlus, tokenizer, *, seed: int, episodes: int, distances: list[in
     accuracy["in_context"][j] is None where some episode's prompt does not fit the model's positions."""
     distances = sorted(set(distances))
     names = model_names(model)
-    big, big_name = same_size_memoryllm(model), names[2]
+    big_name, skipped = names[2], {}
+    try:
+        big = same_size_memoryllm(model)
+    except ValueError as e:  # a stored memory whose LTM holds fewer than K0 rows (e.g. fresh from a Llama)
+        big, skipped[big_name] = None, str(e)
     hits = {m: [0] * len(distances) for m in names}
     tokens, fits = [0] * len(distances), [0] * len(distances)
     recall = [[0, 0, 0.0, 0] for _ in distances]  # retrieved, stored, sum of random rates, layer count
@@ -134,7 +139,7 @@ def run(model: MPlus, tokenizer, *, seed: int, episodes: int, distances: list[in
     test = fresh_test_set(seed, n_episodes=episodes, n_distractor_chunks=max(distances), chunk_words=chunk_words)
     for i, ep in enumerate(tqdm(test, desc="retention", unit="episode", disable=not progress)):
         state = model.initial_state(seed=seed * 100_003 + i)
-        big_state = big.initial_state(seed=seed * 100_003 + i)  # its own generator: drops from N + K0 rows
+        big_state = big and big.initial_state(seed=seed * 100_003 + i)  # own generator: drops from N + K0 rows
         floor = answered(model, tokenizer, state.copy(), ep["question"], ep["answer"])
         paragraph = fact_paragraph(rng, ep["fact"], filler_words)
         block = write_both(model, state, big, big_state, tokenizer.encode(paragraph).ids)  # [L, K, d]
@@ -149,7 +154,8 @@ def run(model: MPlus, tokenizer, *, seed: int, episodes: int, distances: list[in
             hits["no_context"][j] += floor
             hits["mplus"][j] += answered(model, tokenizer, state, ep["question"], ep["answer"])
             hits["memoryllm"][j] += answered(model, tokenizer, state.without_ltm(), ep["question"], ep["answer"])
-            hits[big_name][j] += answered(big, tokenizer, big_state, ep["question"], ep["answer"])
+            if big:
+                hits[big_name][j] += answered(big, tokenizer, big_state, ep["question"], ep["answer"])
             if fitting:
                 ids = tokenizer.encode(context_prompt(paragraph, ep["distractors"][:d], ep["question"])).ids
                 fitting = fits_in_context(model, len(ids))
@@ -163,9 +169,11 @@ def run(model: MPlus, tokenizer, *, seed: int, episodes: int, distances: list[in
                 recall[j][3] += 1
     accuracy = {m: [h / episodes for h in hits[m]] for m in names}
     accuracy["in_context"] = [a if f == episodes else None for a, f in zip(accuracy["in_context"], fits)]
+    if big is None:
+        accuracy[big_name] = [None] * len(distances)
     mem = model.memory_config
     return {"distances": distances, "tokens": [t / episodes for t in tokens], "episodes": episodes,
-            "models": names, "accuracy": accuracy, "recall": recall,
+            "models": names, "accuracy": accuracy, "recall": recall, "skipped": skipped,
             "ltm": {"initial_rf": mem.initial_rf_when_moving_stm_to_ltm, "decay": mem.decay_frequency,
                     "merge_every": mem.update_ltm_frequency, "lifetime": ltm_lifetime(mem)}}
 
@@ -231,6 +239,7 @@ def summary(result: dict) -> str:
     lines.append(f"episodes per point: {result['episodes']} (fresh test-partition people); in_context only where "
                  "fact, filler, question and reply fit the model's positions")
     lines.append(setting(result))
+    lines += [f"{m} not measured: {why}" for m, why in result.get("skipped", {}).items()]
     found = {}
     for m in names[:-1]:
         t, a = measured(result, m)
@@ -241,7 +250,7 @@ def summary(result: dict) -> str:
                  "accuracy): " + ", ".join(f"{m} {fmt(*v)}" for m, v in found.items()))
     d_m, span = found["mplus"]
     for base in names[1:3]:
-        d_b = found[base][0]
+        d_b = found.get(base, (None,))[0]
         if d_b:
             lines.append(f"d50 ratio mplus / {base}: {'>= ' if d_m is None else ''}{(d_m or span) / d_b:.1f}")
     if total[1]:
@@ -255,7 +264,8 @@ def chart(result: dict, path: str | Path, title: str) -> None:
     """The curves on a log distance axis, with a vertical line at the LTM lifetime."""
     life = lifetime_tokens(result)
     markers = {f"LTM lifetime ({result['ltm']['lifetime']} chunks)": life} if life else {}
-    line_chart({m: list(zip(*measured(result, m))) for m in result["models"]}, path, title=title,
+    series = {m: list(zip(*measured(result, m))) for m in result["models"]}
+    line_chart({m: pts for m, pts in series.items() if pts}, path, title=title,
                x_label="distance: tokens injected after the fact", y_label="accuracy", markers=markers)
 
 
