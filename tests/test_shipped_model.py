@@ -45,7 +45,8 @@ def test_mplus_remembers_what_memoryllm_forgot(result):
 
 def test_the_same_size_memoryllm_forgot_too_and_in_context_reads_the_fact(result):
     # a MemoryLLM with as many memory rows as M+ reads (128 + 64) forgets as MemoryLLM does; the decoder with the
-    # fact in its prompt (the upper bound) reads it at distance 0 as the memory does
+    # fact in its prompt (the upper bound) reads it at distance 0 as the memory does. Measured in this run:
+    # memoryllm_n192 0.75 and 0.00, in context 0.75 at distance 0 (0.05 at 64 chunks, ~3800 tokens)
     acc = result["accuracy"]
     assert acc["memoryllm_n192"][0] >= 0.6 and acc["memoryllm_n192"][1] <= 0.3
     assert acc["in_context"][0] >= 0.6
