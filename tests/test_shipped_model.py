@@ -41,3 +41,35 @@ def test_mplus_remembers_what_memoryllm_forgot(result):
     assert acc["memoryllm"][1] <= 0.3
     got, stored, rates, layers = result["recall"][1]
     assert got / stored >= 3 * rates / layers  # the retriever finds the fact's rows far above chance
+
+
+def test_the_same_size_memoryllm_forgot_too_and_in_context_reads_the_fact(result):
+    # a MemoryLLM with as many memory rows as M+ reads (128 + 64) forgets as MemoryLLM does; the decoder with the
+    # fact in its prompt (the upper bound) reads it at distance 0 as the memory does. Measured in this run:
+    # memoryllm_n192 0.75 and 0.00, in context 0.75 at distance 0 (0.05 at 64 chunks, ~3800 tokens)
+    acc = result["accuracy"]
+    assert acc["memoryllm_n192"][0] >= 0.6 and acc["memoryllm_n192"][1] <= 0.3
+    assert acc["in_context"][0] >= 0.6
+
+
+def test_ltm_rows_expire_after_the_lifetime_the_benchmark_states():
+    # After 300 updates every LTM row was dropped during them (the stored rows, rf <= 19, are gone by update 228);
+    # a row dropped at update u waits 0..11 updates for a merge and is evicted 228 updates after it, so the oldest
+    # row's age lies in [16 (228 - 12), 16 (228 + 12)) memory tokens (ages grow by K = 16 per update).
+    import random
+
+    from mplus.bench_retention import ltm_lifetime
+    from mplus.facts import distractor_chunk
+
+    folder = tiny_model_path()
+    model = MPlus.from_pretrained(folder)
+    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    mem = model.memory_config
+    life, every, k = ltm_lifetime(mem), mem.update_ltm_frequency, mem.num_tokens
+    assert (life, every, k) == (228, 12, 16)
+    state, rng = model.initial_state(seed=4), random.Random(4)
+    for _ in range(300):
+        model.inject(state, tokenizer.encode(distractor_chunk(rng, 8)).ids, allow_short=True)
+    for l in range(state.num_layers):
+        oldest = int(state.ltm_ages[l].max())
+        assert k * (life - every) <= oldest < k * (life + every)

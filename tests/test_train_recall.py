@@ -97,7 +97,7 @@ def test_retention_benchmark_runs_on_a_trained_model(runs):
     result = run(model, tokenizer, seed=3, episodes=3, distances=[0, 2, 12], chunk_words=12, filler_words=6,
                  progress=False)
     acc = result["accuracy"]
-    assert set(acc) == {"mplus", "memoryllm", "no_context"} and all(len(v) == 3 for v in acc.values())
+    assert {"mplus", "memoryllm", "no_context"} <= set(acc) and all(len(v) == 3 for v in acc.values())
     assert result["tokens"][0] == 0 and result["tokens"][0] < result["tokens"][1] < result["tokens"][2]
     assert acc["mplus"][0] == acc["memoryllm"][0]
     got, stored, _, layers = result["recall"][2]  # after 12 chunks the fact's rows have reached the LTM

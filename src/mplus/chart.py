@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .io import atomic_write_text
 
-COLOURS = ("#d62728", "#1f77b4", "#7f7f7f", "#2ca02c", "#9467bd")
+COLOURS = ("#d62728", "#1f77b4", "#17becf", "#2ca02c", "#7f7f7f", "#9467bd")
 
 
 def _ticks(hi: float, log: bool) -> list[float]:
@@ -17,10 +17,13 @@ def _ticks(hi: float, log: bool) -> list[float]:
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], path: str | Path, *, title: str, x_label: str,
-               y_label: str, log_x: bool = True, width: int = 640, height: int = 400) -> None:
-    """Write series {name: [(x, y), ...]} as an SVG; y in [0, 1]; log_x uses log10(1 + x) so 0 fits."""
-    left, right, top, bottom = 60, 150, 40, 50
-    x_hi = max(x for pts in series.values() for x, _ in pts)
+               y_label: str, log_x: bool = True, markers: dict[str, float] | None = None, width: int = 720,
+               height: int = 400) -> None:
+    """Write series {name: [(x, y), ...]} as an SVG; y in [0, 1]; log_x uses log10(1 + x) so 0 fits.
+    markers {label: x}: dashed vertical lines, labelled at the top (e.g. where a memory's rows expire)."""
+    left, right, top, bottom = 60, 170, 40, 50
+    markers = markers or {}
+    x_hi = max([x for pts in series.values() for x, _ in pts] + list(markers.values()))
     fx = (lambda x: math.log10(1 + x)) if log_x else (lambda x: x)
     sx = lambda x: left + (width - left - right) * fx(x) / max(fx(x_hi), 1e-9)  # noqa: E731
     sy = lambda y: top + (height - top - bottom) * (1 - y)  # noqa: E731
@@ -37,6 +40,10 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: str | Path, *
     out.append(f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">{x_label}</text>'
                f'<text x="16" y="{(top + height - bottom) / 2}" text-anchor="middle" '
                f'transform="rotate(-90 16 {(top + height - bottom) / 2})">{y_label}</text>')
+    for label, x in markers.items():
+        out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{top}" y2="{height - bottom}" stroke="black" '
+                   f'stroke-dasharray="5,4"/><text x="{sx(x) - 4:.1f}" y="{top + 12}" text-anchor="end" '
+                   f'font-size="11">{label}</text>')
     for i, (name, pts) in enumerate(series.items()):
         colour = COLOURS[i % len(COLOURS)]
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)

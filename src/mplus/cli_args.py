@@ -71,6 +71,13 @@ def _float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def temperature(text: str) -> float:
     value = _float(text)
     if value < 0:

@@ -7,7 +7,11 @@ The project's main job (`make demo`), on the shipped tiny M+ (checkpoints/tiny-m
    short-term memory (STM).
 2. Each question is answered by M+: the retriever brings rows back from the long-term memory (LTM); the demo
    shows where the fact's rows are now (STM / LTM) and which of them each layer retrieved, with their ages.
-3. The same state with the LTM switched off is MemoryLLM: its STM is identical, and it has forgotten.
+3. The same state with the LTM switched off is MemoryLLM: its STM is identical, and it has forgotten. So has a
+   MemoryLLM with as many memory rows as M+ reads (N + K0, built from the same weights by
+   baselines.same_size_memoryllm), which was written the same story and filler.
+4. When the story and the filler fit the model's positions, the same decoder reads them in its prompt: the
+   in-context upper bound (baselines.in_context_reply).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import cli_args as arg
+from .baselines import fits_in_context, in_context_reply, same_size_memoryllm
 from .facts import RELATIONS, distractor_chunk, draw_name, fact_example, fact_paragraph, make_entity, qa_prompt
 from .ltm import copies_of
 from .mplus_model import MPlus
@@ -51,7 +56,7 @@ def where(state, block: torch.Tensor) -> tuple[int, int]:
 def answer(model: MPlus, tokenizer, state, question: str, label: str) -> str:
     """Stream the greedy answer after `label`; returns it (up to the first line break)."""
     decoder, text = StreamDecoder(tokenizer), ""
-    print(f"  {label:>9}: ", end="", flush=True)
+    print(f"  {label:>16}: ", end="", flush=True)
     for token in model.generate_tokens(state, tokenizer.encode(qa_prompt(question)).ids, max_new_tokens=16):
         if token in model.config.eos_token_id:
             break
@@ -60,6 +65,13 @@ def answer(model: MPlus, tokenizer, state, question: str, label: str) -> str:
         print(piece.split("\n")[0], end="", flush=True)
         if "\n" in piece:
             break
+    return text.strip()
+
+
+def answer_in_context(model: MPlus, tokenizer, ids: list[int]) -> str:
+    """The in-context reply (up to the first line break), printed like answer()."""
+    text = tokenizer.decode(in_context_reply(model, ids)).split("\n")[0]
+    print(f"  {'in context':>16}: {text}", end="", flush=True)
     return text.strip()
 
 
@@ -94,33 +106,61 @@ def run(args: argparse.Namespace) -> None:
     model = MPlus.from_pretrained(folder)
     tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
     mem = model.memory_config
+    big_name = f"MemoryLLM-{mem.stm_size + mem.ltm_retrieved}"
+    try:
+        big = same_size_memoryllm(model)
+    except ValueError as e:  # a stored memory whose LTM holds fewer than K0 rows
+        big = None
+        print(f"{big_name} is left out: {e}")
     rng = random.Random(args.seed)
     items = story(rng, args.facts, 12)
-    state = model.initial_state(seed=args.seed)
+    state, big_state = model.initial_state(seed=args.seed), big and big.initial_state(seed=args.seed)
     print(f"Tiny M+ from {folder}: {model.config.num_hidden_layers} layers, d {model.config.hidden_size}; per layer "
           f"an STM of {mem.stm_size} rows, {mem.num_tokens} new rows per chunk, {mem.ltm_retrieved} rows retrieved "
-          "from the LTM.\n\nThe story (people the model never saw in training), one chunk per fact:")
+          f"from the LTM. Baselines: MemoryLLM (the same state, LTM off: {mem.stm_size} rows) and {big_name} (the "
+          f"same weights with {mem.stm_size + mem.ltm_retrieved} STM rows, as many as M+ reads).\n\n"
+          "The story (people the model never saw in training), one chunk per fact:")
+    texts = []
     for item in items:
         print("  " + item["fact"])
-        item["block"] = model.inject(state, tokenizer.encode(item["paragraph"]).ids, allow_short=True)
+        ids = tokenizer.encode(item["paragraph"]).ids
+        item["block"] = model.inject(state, ids, allow_short=True)
+        if big:
+            big.inject(big_state, ids, allow_short=True)
+        texts.append(item["paragraph"])
     written = 0
     for _ in tqdm(range(args.chunks), desc="injecting filler", unit="chunk"):
-        ids = tokenizer.encode(distractor_chunk(rng, args.chunk_words)).ids
+        texts.append(distractor_chunk(rng, args.chunk_words))
+        ids = tokenizer.encode(texts[-1]).ids
         model.inject(state, ids, allow_short=True)
+        if big:
+            big.inject(big_state, ids, allow_short=True)
         written += len(ids)
     print(f"\n{args.chunks} filler chunks ({written} tokens) written after the story. Example of filler:\n  "
           f"{distractor_chunk(random.Random(args.seed + 1), 24)}\n")
     forgot = state.without_ltm()
-    score = {"M+": 0, "MemoryLLM": 0}
+    readers = [("M+", model, state), ("MemoryLLM", model, forgot)] + ([(big_name, big, big_state)] if big else [])
+    score = {"M+": 0, "MemoryLLM": 0, big_name: 0, "in context": 0}
+    fitted = 0
     for item in items:
         stm_rows, ltm_rows = where(state, item["block"])
         print(f"Q: {item['question']}   (true answer: {item['answer']}; this fact's rows now: {stm_rows} in the STM, "
               f"{ltm_rows} in the LTM)")
-        for label, s in (("M+", state), ("MemoryLLM", forgot)):
-            ok = item["answer"] in answer(model, tokenizer, s, item["question"], label)
+        for label, m, s in readers:
+            ok = item["answer"] in answer(m, tokenizer, s, item["question"], label)
             score[label] += ok
             print("   " + ("correct" if ok else "wrong"))
+        ids = tokenizer.encode(" ".join(texts) + "\n" + qa_prompt(item["question"])).ids
+        if fits_in_context(model, len(ids)):
+            fitted += 1
+            ok = item["answer"] in answer_in_context(model, tokenizer, ids)
+            score["in context"] += ok
+            print("   " + ("correct" if ok else "wrong"))
+        else:
+            print(f"  {'in context':>16}: the story and filler ({len(ids)} tokens) do not fit the model's "
+                  f"{model.config.max_position_embeddings} positions")
         show_retrieval(model, tokenizer, state, item["question"], item["block"])
     n = len(items)
     print(f"\nM+ answered {score['M+']} of {n}; MemoryLLM (the same weights and STM, LTM off) {score['MemoryLLM']} "
-          f"of {n}.")
+          f"of {n}" + (f"; {big_name} (as many memory rows as M+ reads) {score[big_name]} of {n}" if big else "")
+          + (f"; in context (the upper bound) {score['in context']} of the {fitted} that fit." if fitted else "."))
