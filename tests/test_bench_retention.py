@@ -55,7 +55,7 @@ def test_default_distances_run_past_twice_the_lifetime():
     d = default_distances(228)
     assert d[0] == 0 and d == sorted(set(d)) and max(d) == 456 and {128, 228, 239, 251} <= set(d)
     assert max(default_distances(None)) == 192
-    assert ltm_lifetime(dataclasses.replace(mplus_memory(20), kind="memoryllm")) is None
+    assert ltm_lifetime(dataclasses.replace(mplus_memory(20), kind="memoryllm", num_ltm_blocks=0)) is None
 
 
 RESULT = {"distances": [0, 4, 16], "tokens": [0.0, 240.4, 961.0], "episodes": 10,
