@@ -24,7 +24,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from mplus import Llama  # noqa: E402
-from mplus.paths import smollm2_dir  # noqa: E402
+from mplus.apps.paths import smollm2_dir  # noqa: E402
 
 
 def read_bandwidth(repeats: int) -> float:

@@ -16,7 +16,7 @@ import tokenizers
 import torch
 
 from mplus import Llama
-from mplus.facts import distractor_chunk, fresh_test_set, qa_prompt
+from mplus.data.facts import distractor_chunk, fresh_test_set, qa_prompt
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("model", help="a plain Llama folder, e.g. runs/base-tiny")

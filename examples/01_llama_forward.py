@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from mplus import Llama, LlamaConfig, RopeScaling
-from mplus.layers import attend, rms_norm
-from mplus.rope import apply_rope, inv_freq_for, rope_cos_sin
+from mplus.llama.layers import attend, rms_norm
+from mplus.llama.rope import apply_rope, inv_freq_for, rope_cos_sin
 
 config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=8, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,

@@ -16,9 +16,9 @@ import tokenizers
 import torch
 
 from mplus import MPlus
-from mplus import ltm as L
-from mplus.facts import fact_paragraph, fresh_test_set
-from mplus.paths import tiny_model_path
+from mplus.memory import ltm
+from mplus.data.facts import fact_paragraph, fresh_test_set
+from mplus.apps.paths import tiny_model_path
 
 folder = Path(sys.argv[1]) if len(sys.argv) > 1 else tiny_model_path()  # any M+ folder
 model = MPlus.from_pretrained(folder)
@@ -40,9 +40,9 @@ with torch.no_grad():
     block = model.encode(by_hand.stm, torch.tensor(ids))
     print(f"1. encode -> new block {tuple(block.shape)}")
     # 2. per layer: a random permutation decides which K rows leave; survivors keep their order
-    kept, gone = L.draw_drop(N, K, by_hand.generator)
+    kept, gone = ltm.draw_drop(N, K, by_hand.generator)
     print(f"2. layer 0 drops rows {gone.tolist()}")
-    rows, ages = L.write_block(by_hand.stm[0], by_hand.stm_ages[0], block[0], kept)
+    rows, ages = ltm.write_block(by_hand.stm[0], by_hand.stm_ages[0], block[0], kept)
     print(f"3. layer 0 STM after the write {tuple(rows.shape)}: survivors then the block; new ages "
           f"{ages[-K:].tolist()}")
 # the library does the same for every layer (one permutation each), and M+ caches the dropped rows

@@ -17,10 +17,10 @@ import tokenizers
 import torch
 
 from mplus import MPlus
-from mplus.facts import fact_paragraph, fresh_test_set, qa_prompt
-from mplus.ltm import copies_of
-from mplus.paths import tiny_model_path
-from mplus.retriever import relevance
+from mplus.data.facts import fact_paragraph, fresh_test_set, qa_prompt
+from mplus.memory.ltm import copies_of
+from mplus.apps.paths import tiny_model_path
+from mplus.memory.retriever import relevance
 
 folder = Path(sys.argv[1]) if len(sys.argv) > 1 else tiny_model_path()  # any M+ folder
 model = MPlus.from_pretrained(folder)

@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 
 from mplus import MPlus
-from mplus.train_base import BaseTrainConfig, train as train_base
-from mplus.train_recall import RecallConfig, train as train_recall
-from mplus.train_stage1 import Stage1Config, train as train_stage1
+from mplus.train.base import BaseTrainConfig, train as train_base
+from mplus.train.recall import RecallConfig, train as train_recall
+from mplus.train.stage1 import Stage1Config, train as train_stage1
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 out = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="mplus-train-"))

@@ -16,8 +16,8 @@ from pathlib import Path
 import tokenizers
 
 from mplus import MPlus
-from mplus.bench_retention import chart, ltm_lifetime, run, summary, to_csv
-from mplus.paths import tiny_model_path
+from mplus.apps.bench_retention import chart, ltm_lifetime, run, summary, to_csv
+from mplus.apps.paths import tiny_model_path
 
 folder = Path(sys.argv[1]) if len(sys.argv) > 1 else tiny_model_path()  # any M+ folder
 out = Path(sys.argv[2] if len(sys.argv) > 2 else ".")

@@ -24,13 +24,13 @@ OFFICIAL_MEMORYLLM_TINY = FIXTURES / "official-memoryllm-tiny"
 
 @pytest.fixture(scope="session")
 def artifacts():
-    """mplus.fetch.fetch_all() under $MPLUS_CACHE: downloads on the first run, only verifies afterwards."""
-    from mplus.fetch import fetch_all
+    """mplus.apps.fetch.fetch_all() under $MPLUS_CACHE: downloads on the first run, only verifies afterwards."""
+    from mplus.apps.fetch import fetch_all
 
     return fetch_all(progress=False)
 
 
-# --- GGUF writer, independent of mplus.gguf: values are (GGUF value type, Python value) pairs ---
+# --- GGUF writer, independent of mplus.formats.gguf: values are (GGUF value type, Python value) pairs ---
 
 _PACK = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 

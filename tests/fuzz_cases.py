@@ -68,8 +68,8 @@ class Seeds:
     """Valid files every strategy starts from, built once per process."""
 
     def __init__(self):
-        from mplus.mplus_model import MPlus
-        from mplus.weights import save_model
+        from mplus.memory.mplus import MPlus
+        from mplus.llama.checkpoint import save_model
         self._tmp = tempfile.TemporaryDirectory(prefix="mplus-fuzz-")
         root = Path(self._tmp.name)
         save_model(tiny_llama(), root / "single")
@@ -156,7 +156,7 @@ def index_cases(draw, s: Seeds) -> Case:
 
 
 def load_llama(folder: Path, s: Seeds):
-    from mplus.model import Llama
+    from mplus.llama.model import Llama
     return Llama.from_pretrained(folder)
 
 
@@ -177,9 +177,9 @@ def config_cases(draw, s: Seeds) -> Case:
 def load_config(folder: Path, s: Seeds):
     """What a model load does first: Llama.from_pretrained reads a LlamaConfig; MPlus.from_pretrained reads the
     same fields through mplus_checkpoint.read_config, plus the memory fields."""
-    from mplus.config import LlamaConfig
-    from mplus.memory_config import MemoryConfig
-    from mplus.mplus_checkpoint import read_config
+    from mplus.llama.config import LlamaConfig
+    from mplus.memory.config import MemoryConfig
+    from mplus.memory.checkpoint import read_config
     if (folder / "llama").is_dir():
         return LlamaConfig.from_file(folder / "llama")
     raw = read_config(folder / "mplus")
@@ -239,7 +239,7 @@ def gguf_cases(draw, s: Seeds) -> Case:
 
 
 def load_gguf(folder: Path, s: Seeds):
-    from mplus.gguf import GGUFFile
+    from mplus.formats.gguf import GGUFFile
     g = GGUFFile(folder / "model.gguf")
     return [g.tensor(name) for name in g.tensors]
 
@@ -250,7 +250,7 @@ def load_gguf(folder: Path, s: Seeds):
 def state_cases(draw, s: Seeds) -> Case:
     """A saved state of the shipped tiny M+, damaged as bytes, in its safetensors header, in its metadata document
     (with the checksum recomputed, so the damage reaches the checks behind it) or in its tensors (likewise)."""
-    from mplus import state_io
+    from mplus.memory import state_file as state_io
     kind = draw(st.sampled_from(["bytes", "header", "meta", "meta", "meta-unsigned", "tensors", "tensors"]))
     log = [kind]
     if kind == "bytes":
@@ -285,7 +285,7 @@ def state_cases(draw, s: Seeds) -> Case:
 
 
 def load_state(folder: Path, s: Seeds):
-    from mplus.state import MemoryState
+    from mplus.memory.state import MemoryState
     state = MemoryState.load(folder / "state.safetensors", expect=s.state_spec)
     return state.describe()
 
@@ -321,7 +321,7 @@ def tokenizer_cases(draw, s: Seeds) -> Case:
 
 
 def load_tokenizer(folder: Path, s: Seeds):
-    from mplus.tokenizer import Tokenizer
+    from mplus.llama.tokenizer import Tokenizer
     tok = Tokenizer.from_file(folder / "tokenizer.json")
     return tok.decode(tok.encode("Hello, world. 123 <|eos|>"))
 

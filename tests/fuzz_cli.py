@@ -1,4 +1,4 @@
-"""CLI fuzz cases: `mplus.cli.main(argv)` run in process with garbage files and garbage option values.
+"""CLI fuzz cases: `mplus.apps.cli.main(argv)` run in process with garbage files and garbage option values.
 
 Every argv holds at least one bad input (a missing, empty, garbage or directory path, or a bad value), so no case
 can start real work (no downloads: `fetch` is left out; no long runs: every model path is bad, or the state is).
@@ -78,7 +78,7 @@ def cli_cases(draw, s: Seeds) -> Case:
 
 def run_cli(folder: Path, case: Case) -> tuple[int | None, str, BaseException | None]:
     """(exit status, stderr, exception that escaped main) of `mplus ARGV` run in `folder`'s files."""
-    from mplus.cli import main
+    from mplus.apps.cli import main
     argv = [a.replace("@TINY@", str(TINY_MPLUS)) for a in json.loads(case.note)]
     argv = [str(folder / a) if a in BAD_PATHS + BAD_MODELS + ["out", "state.safetensors", "model.gguf"]
             or a.endswith(".toml") else a for a in argv]

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-generate_module = importlib.import_module("mplus.generate")  # the module (mplus.generate is also a function)
+generate_module = importlib.import_module("mplus.llama.generate")  # the module (mplus.llama.generate is also a function)
 
 
 class Diffs:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mplus import Llama, MPlus
-from mplus.state import MemoryState
+from mplus.memory.state import MemoryState
 from tiny import tiny_llama
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official-mplus-tiny" / "checkpoint"

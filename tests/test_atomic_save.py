@@ -21,7 +21,7 @@ import mplus
 import save_worker
 from conftest import OFFICIAL_TINY
 from mplus import ConfigError, Llama, MPlus, WeightsError
-from mplus.state_io import StateError
+from mplus.memory.state_file import StateError
 from tiny import tiny_llama
 
 INDEX_FILE = "model.safetensors.index.json"

@@ -12,13 +12,13 @@ import tokenizers
 import torch
 
 from mplus import Llama, MPlus
-from mplus.baselines import fits_in_context, in_context_reply, same_size_memoryllm
-from mplus.bench_retention import d50, default_distances, ltm_lifetime, summary, to_csv, write_both
-from mplus.chart import line_chart
-from mplus.facts import distractor_chunk
-from mplus.ltm import merge
-from mplus.memory_config import MemoryConfig
-from mplus.paths import tiny_model_path
+from mplus.apps.baselines import fits_in_context, in_context_reply, same_size_memoryllm
+from mplus.apps.bench_retention import d50, default_distances, ltm_lifetime, summary, to_csv, write_both
+from mplus.apps.chart import line_chart
+from mplus.data.facts import distractor_chunk
+from mplus.memory.ltm import merge
+from mplus.memory.config import MemoryConfig
+from mplus.apps.paths import tiny_model_path
 
 
 def test_d50_interpolates_to_half_the_distance_zero_accuracy():

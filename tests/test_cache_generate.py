@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mplus.generate import generate, sample_next, top_p_filter
+from mplus.llama.generate import generate, sample_next, top_p_filter
 from tiny import tiny_llama
 
 TOL = 1e-4  # fp32: chunked and full forwards sum in different orders

@@ -15,10 +15,10 @@ from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
 import mplus
 from mplus import MPlus
-from mplus.cli import main
-from mplus.generate import generate
-from mplus.kv_cache import KVCache
-from mplus.tokenizer import Tokenizer
+from mplus.apps.cli import main
+from mplus.llama.generate import generate
+from mplus.llama.kv_cache import KVCache
+from mplus.llama.tokenizer import Tokenizer
 from tiny import tiny_llama
 
 TINY_MPLUS = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-mplus"
@@ -226,19 +226,19 @@ def test_unexpected_error_is_one_line_and_exit_1(state_file, capsys, monkeypatch
     def broken(args):
         raise RuntimeError("something inside broke")
 
-    monkeypatch.setattr("mplus.cli.cmd_inspect", broken)
+    monkeypatch.setattr("mplus.apps.cli.cmd_inspect", broken)
     monkeypatch.delenv("MPLUS_DEBUG", raising=False)
     code, err = cli(["inspect", state_file], capsys)
     assert code == 1 and err.count("\n") == 1 and "RuntimeError" in err and "something inside broke" in err, err
 
 
 def test_failed_download_is_one_line(tmp_path, capsys, monkeypatch):
-    from mplus.fetch import FetchError
+    from mplus.apps.fetch import FetchError
 
     def offline(cache, progress):
         raise FetchError("cannot reach pypi.org")
 
-    monkeypatch.setattr("mplus.fetch.fetch_all", offline)
+    monkeypatch.setattr("mplus.apps.fetch.fetch_all", offline)
     code, err = cli(["fetch", "--cache", tmp_path], capsys)
     assert code == 2 and err == "mplus fetch: error: cannot reach pypi.org\n", err
 

@@ -8,9 +8,9 @@ from torch import nn
 
 from conftest import OFFICIAL_MEMORYLLM_TINY, OFFICIAL_TINY
 from mplus import ConfigError, Llama, LlamaConfig, MemoryConfig, MPlus
-from mplus.convert import hf_config
-from mplus.gguf import GGUFError, GGUFFile
-from mplus.lora import LoRALinear
+from mplus.llama.convert import hf_config
+from mplus.formats.gguf import GGUFError, GGUFFile
+from mplus.memory.lora import LoRALinear
 from test_config_weights import LEGACY
 from test_fetch_convert import tiny_gguf
 from tiny import tiny_llama
@@ -180,12 +180,13 @@ def test_sizes_check_reads_no_tensor_data(tmp_path, monkeypatch):
     tiny_llama(seed=0).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": 96}))
-    import mplus.weights
+    import mplus.formats.hf_folder
+    import mplus.llama.checkpoint
 
     def no_read(*args, **kwargs):
         raise AssertionError("tensor data was read")
 
-    monkeypatch.setattr(mplus.weights, "read_tensor", no_read)
-    monkeypatch.setattr(mplus.weights, "materialize", no_read)
+    monkeypatch.setattr(mplus.formats.hf_folder, "read_tensor", no_read)
+    monkeypatch.setattr(mplus.llama.checkpoint, "materialize", no_read)
     with pytest.raises(ConfigError, match="'hidden_size' = 96"):
         Llama.from_pretrained(tmp_path)

@@ -1,4 +1,4 @@
-"""mplus.facts and mplus.tokenizer_train: seeded synthetic data, leak-free splits, and the trained tokenizer."""
+"""mplus.data.facts and mplus.data.bpe: seeded synthetic data, leak-free splits, and the trained tokenizer."""
 from __future__ import annotations
 
 import os
@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from mplus import facts
-from mplus.tokenizer import Tokenizer
-from mplus.tokenizer_train import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
+from mplus.data import facts
+from mplus.llama.tokenizer import Tokenizer
+from mplus.data.bpe import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 
 FULL_NAME = re.compile(r"\b[A-Z][a-z]+ [A-Z][a-z]+\b")  # filler has no two capitalised words in a row
 VALUES = (*facts.CITIES, *facts.COLOURS, *facts.PETS, *facts.PROFESSIONS)
@@ -127,7 +127,7 @@ def test_tokenizer_round_trips_and_loads(tokenizer, tmp_path):
 
 def test_tokenizer_training_is_deterministic_across_processes(train_docs):
     # Another process has other hash seeds (Python's and the Rust trainer's): the result must not change.
-    script = ("import sys; from mplus import facts; from mplus.tokenizer_train import train_tokenizer; "
+    script = ("import sys; from mplus.data import facts; from mplus.data.bpe import train_tokenizer; "
               "sys.stdout.write(train_tokenizer(list(facts.corpus(0, 2000))[:300], 512).to_str())")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     other = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)

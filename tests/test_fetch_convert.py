@@ -1,4 +1,4 @@
-"""mplus.convert and mplus.fetch: the q/k un-permutation, a tiny synthetic conversion, fetch's hash checks, and
+"""mplus.llama.convert and mplus.apps.fetch: the q/k un-permutation, a tiny synthetic conversion, fetch's hash checks, and
 the real converted SmolLM2 folder."""
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import gguf_bytes
-from mplus import fetch
-from mplus.convert import convert_gguf, hf_name, permute_qk, unpermute_qk
-from mplus.gguf import GGUFError, GGUFFile
+from mplus.apps import fetch
+from mplus.llama.convert import convert_gguf, hf_name, permute_qk, unpermute_qk
+from mplus.formats.gguf import GGUFError, GGUFFile
 
 # --- the q/k un-permutation ---
 
@@ -113,7 +113,7 @@ def test_convert_tiny(tmp_path, dtype):
         torch.testing.assert_close(tensors[hf_name(name)], expected.to(dtype), rtol=0, atol=0)
     with safe_open(out / "model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
-    from mplus.tokenizer import Tokenizer
+    from mplus.llama.tokenizer import Tokenizer
     tok = Tokenizer.from_file(out)
     assert tok.encode("<|im_start|> t1") == [1, 259, 3 + BYTE_CHARS.index("1")]  # digit, merge, special
 

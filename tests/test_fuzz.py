@@ -17,18 +17,18 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-import mplus.tokenizer
+import mplus.llama.tokenizer
 from fuzz_cases import TARGETS, Case, Target, seeds
 from fuzz_cli import cli_cases, run_cli
-from mplus.config import ConfigError
-from mplus.gguf import GGUFError
-from mplus.state_io import StateError
-from mplus.weights import WeightsError
+from mplus.llama.config import ConfigError
+from mplus.formats.gguf import GGUFError
+from mplus.memory.state_file import StateError
+from mplus.formats.hf_folder import WeightsError
 
-# The project's own errors: the four loader errors, plus whatever error class mplus.tokenizer defines.
+# The project's own errors: the four loader errors, plus whatever error class mplus.llama.tokenizer defines.
 PROJECT_ERRORS = (ConfigError, WeightsError, GGUFError, StateError) + tuple(
-    v for v in vars(mplus.tokenizer).values()
-    if isinstance(v, type) and issubclass(v, Exception) and v.__module__ == "mplus.tokenizer")
+    v for v in vars(mplus.llama.tokenizer).values()
+    if isinstance(v, type) and issubclass(v, Exception) and v.__module__ == "mplus.llama.tokenizer")
 TIME_LIMIT_S = 5  # per case; the valid seed files load in well under 0.5 s
 FAST, SLOW = {"loader": 15, "cli": 20}, {"loader": 150, "cli": 200}
 ERROR_LINE = re.compile(r"^mplus( [\w-]+)*: error: \S")
@@ -158,7 +158,7 @@ def test_state_save_survives_kill_9(tmp_path):
     import time
 
     import torch
-    from mplus.state import MemoryState
+    from mplus.memory.state import MemoryState
     s = seeds()
     a = s.model.initial_state(seed=1)
     b = a.copy()

@@ -1,4 +1,4 @@
-"""mplus.gguf: synthetic files from the hand-written writer in conftest.py, malformed files, and the real GGUF
+"""mplus.formats.gguf: synthetic files from the hand-written writer in conftest.py, malformed files, and the real GGUF
 against the `gguf` package's dequantiser."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import gguf_bytes
-from mplus.gguf import GGUFError, GGUFFile
+from mplus.formats.gguf import GGUFError, GGUFFile
 
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
 

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mplus import WeightsError
-from mplus.gguf import GGUFError, GGUFFile
-from mplus.weights import checkpoint_index, read_tensors
+from mplus.formats.gguf import GGUFError, GGUFFile
+from mplus.formats.hf_folder import checkpoint_index, read_tensors
 
 W = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}  # a valid entry: two float32 values
 DATA = struct.pack("<2f", 1.5, -2.0)

@@ -4,7 +4,7 @@ import torch
 
 from hf_oracle import LLAMA3_SCALING, LlamaForCausalLM, hf_logits, random_hf_llama
 from mplus import Llama
-from mplus.rope import default_inv_freq
+from mplus.llama.rope import default_inv_freq
 
 FP32_TOL = 1e-4
 # bf16 logits here are of magnitude ~4, where one bf16 ulp is 2**-6 = 0.0156; bf16 itself is off fp32 by ~5e-2.

@@ -12,12 +12,11 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import mplus.state_io as state_io
+import mplus.memory.state_file as state_io
 from conftest import OFFICIAL_TINY
 from mplus import MPlus
-from mplus.fingerprint import weights_fingerprint
-from mplus.state import MemoryState, StateError
-from mplus.state_io import load_state
+from mplus.memory.fingerprint import weights_fingerprint
+from mplus.memory.state import MemoryState, StateError
 from test_state_io import STEP, assert_same, make_state, rewrite
 
 KEY = bytes(range(32))  # a fixed 32-byte key: tests are deterministic
@@ -50,7 +49,7 @@ def with_metadata(path, raw: str) -> None:
 def test_hostile_header_json(path, raw, message):
     with_metadata(path, raw)
     with pytest.raises(StateError, match=message):
-        load_state(path)
+        MemoryState.load(path)
 
 
 def test_memoryllm_state_without_key_dim(tmp_path):
@@ -59,7 +58,7 @@ def test_memoryllm_state_without_key_dim(tmp_path):
     state.save(path)
     rewrite(path, edit_meta=lambda m: [m.pop(k) for k in ("key_dim", "key_dtype", "ltm_sizes", "cache_sizes")],
             rehash=True)
-    assert_same(load_state(path, {"kind": "memoryllm", "key_dim": None, "num_layers": 3}), state)
+    assert_same(MemoryState.load(path, {"kind": "memoryllm", "key_dim": None, "num_layers": 3}), state)
 
 
 # --------------------------------------------------------------------------------- values behind a valid hash
@@ -84,7 +83,7 @@ def put(name, index, value):
 def test_resigned_state_with_impossible_values(path, edit, edit_meta, message):
     rewrite(path, edit_meta=edit_meta, edit_tensors=edit, rehash=True)  # the checksum is right: anyone can compute it
     with pytest.raises(StateError, match=message):
-        load_state(path)
+        MemoryState.load(path)
 
 
 def test_saving_an_impossible_state_fails_at_once(tmp_path):
@@ -118,7 +117,7 @@ def test_signature_refuses_other_writers(tmp_path):
         MemoryState.load(path, key=KEY)
     make_state().save(path, key=KEY)
     rewrite(path, edit_tensors=put("ltm.0", (0, 0), 0.5), rehash=True)
-    load_state(path)  # integrity alone cannot tell
+    MemoryState.load(path)  # integrity alone cannot tell
     with pytest.raises(StateError, match="signature does not match the key"):
         MemoryState.load(path, key=KEY)
 
@@ -136,9 +135,9 @@ def test_version_1_files_still_load(tmp_path):
     state, path = make_state(), tmp_path / "s.safetensors"
     state.save(path)
     rewrite(path, edit_meta=lambda m: (m.update(version=1), m.pop("weights")), rehash=True)
-    assert_same(load_state(path, {"weights": "0" * 64}), state)  # no fingerprint to compare
+    assert_same(MemoryState.load(path, {"weights": "0" * 64}), state)  # no fingerprint to compare
     with pytest.raises(StateError, match="not signed"):
-        load_state(path, key=KEY)
+        MemoryState.load(path, key=KEY)
 
 
 # ------------------------------------------------------------------------------------------ weights fingerprint
@@ -217,6 +216,6 @@ def test_any_re_hashed_header_loads_or_is_a_state_error(tmp_path, kind, edits):
     spec = {"kind": kind, "num_layers": 3, "num_stm_rows": 6, "hidden_size": 8, "dtype": torch.float32,
             "key_dim": 4 if kind == "mplus" else None, "weights": "0" * 64}
     try:
-        load_state(path, spec)
+        MemoryState.load(path, spec)
     except StateError:
         pass

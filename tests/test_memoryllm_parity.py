@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import OFFICIAL_MEMORYLLM_TINY as FIXTURES
 from mplus import ConfigError
-from mplus.ltm import draw_drop
-from mplus.mplus_model import MPlus
-from mplus.rope import default_inv_freq, rope_cos_sin
-from mplus.state import MemoryState
+from mplus.memory.ltm import draw_drop
+from mplus.memory.mplus import MPlus
+from mplus.llama.rope import default_inv_freq, rope_cos_sin
+from mplus.memory.state import MemoryState
 from parity import Diffs, exact, greedy_with_logits
 
 DIFFS = Diffs(tol=1e-4)  # worst float difference per fixture file and quantity, printed at the end (pytest -s)

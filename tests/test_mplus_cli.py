@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mplus import MemoryConfig, MemoryState, MPlus
-from mplus.cli import main
-from mplus.paths import smollm2_dir
+from mplus.apps.cli import main
+from mplus.apps.paths import smollm2_dir
 from tiny import tiny_llama
 
 pytestmark = pytest.mark.real  # uses the real SmolLM2 tokenizer

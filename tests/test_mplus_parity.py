@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import OFFICIAL_TINY
 from mplus import ConfigError, MemoryConfig
-from mplus.ltm import draw_drop
-from mplus.mplus_model import MPlus
+from mplus.memory.ltm import draw_drop
+from mplus.memory.mplus import MPlus
 from parity import Diffs, exact, greedy_with_logits
 
 FIXTURES = OFFICIAL_TINY

@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import OFFICIAL_TINY
-from mplus.ltm import cyclic_candidates, draw_drop, merge, oldest_first, write_block
-from mplus.memory_config import MemoryConfig
-from mplus.mplus_model import MIN_CHUNK, MPlus
-from mplus.retriever import relevance
+from mplus.memory.ltm import cyclic_candidates, draw_drop, merge, oldest_first, write_block
+from mplus.memory.config import MemoryConfig
+from mplus.memory.mplus import MIN_CHUNK, MPlus
+from mplus.memory.retriever import relevance
 from tiny import tiny_llama
 
 CHECKPOINT = OFFICIAL_TINY / "checkpoint"
@@ -531,7 +531,7 @@ def test_empty_ltm_does_not_hang(tiny_mplus):
 # ----------------------------------------------------------------------------------------------- bench
 
 def test_bench_memory_runs(capsys):
-    from mplus.bench_memory import main
+    from mplus.apps.bench_memory import main
 
     assert main(["--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--intermediate", "64",
                  "--vocab", "64", "--k", "4", "--stm-blocks", "4", "--ltm-blocks", "2", "--ltm-rows", "16",

@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mplus.config import RopeScaling
-from mplus.layers import attend, causal_mask, rms_norm
-from mplus.rope import apply_rope, default_inv_freq, llama3_scale, rope_cos_sin
+from mplus.llama.config import RopeScaling
+from mplus.llama.layers import attend, causal_mask, rms_norm
+from mplus.llama.rope import apply_rope, default_inv_freq, llama3_scale, rope_cos_sin
 
 LLAMA31 = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_position_embeddings=8192)

@@ -10,8 +10,8 @@ import pytest
 import tokenizers
 
 from mplus import MPlus
-from mplus.bench_retention import run
-from mplus.paths import tiny_model_path
+from mplus.apps.bench_retention import run
+from mplus.apps.paths import tiny_model_path
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,8 @@ def test_ltm_rows_expire_after_the_lifetime_the_benchmark_states():
     # row's age lies in [16 (228 - 12), 16 (228 + 12)) memory tokens (ages grow by K = 16 per update).
     import random
 
-    from mplus.bench_retention import ltm_lifetime
-    from mplus.facts import distractor_chunk
+    from mplus.apps.bench_retention import ltm_lifetime
+    from mplus.data.facts import distractor_chunk
 
     folder = tiny_model_path()
     model = MPlus.from_pretrained(folder)

@@ -4,7 +4,7 @@ import torch
 
 from hf_oracle import LlamaForCausalLM
 from mplus import Llama, Tokenizer
-from mplus.paths import smollm2_dir
+from mplus.apps.paths import smollm2_dir
 
 pytestmark = pytest.mark.real
 

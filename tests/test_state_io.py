@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import mplus.state_io as state_io
-from mplus.state import MemoryState
-from mplus.state_io import StateError, describe_state, load_state, save_state
+import mplus.memory.state_file as state_io
+from mplus.memory.state import MemoryState
+from mplus.memory.state_file import StateError, describe_state, save_state
 
 L, N, D, D_S = 3, 6, 8, 4
 STEP = 3  # update_step: memory tokens written since the last merge, so the cache holds STEP rows in every layer
@@ -154,7 +154,7 @@ def test_truncated_file(saved, fraction):
     _, path, data = saved
     path.write_bytes(data[:int(len(data) * fraction)])
     with pytest.raises(StateError, match="not a readable safetensors file"):
-        load_state(path)
+        MemoryState.load(path)
 
 
 def test_flipped_data_byte(saved):
@@ -163,7 +163,7 @@ def test_flipped_data_byte(saved):
     flipped[-100] ^= 0x01  # in the tensor data region, the file stays valid safetensors
     path.write_bytes(bytes(flipped))
     with pytest.raises(StateError, match="file was modified or corrupted"):
-        load_state(path)
+        MemoryState.load(path)
 
 
 @settings(max_examples=60, suppress_health_check=[FILE_PROBLEMS])
@@ -174,7 +174,7 @@ def test_any_flipped_byte_is_detected_or_harmless(saved, where, mask):
     flipped[int(len(data) * where)] ^= mask
     path.write_bytes(bytes(flipped))
     try:
-        loaded = load_state(path)
+        loaded = MemoryState.load(path)
     except StateError:
         return
     assert_same(state, loaded)  # e.g. header padding turned into other whitespace
@@ -184,14 +184,14 @@ def test_edited_metadata(saved):
     _, path, _ = saved
     rewrite(path, edit_meta=lambda m: m.update(update_step=0))
     with pytest.raises(StateError, match="file was modified or corrupted"):
-        load_state(path)
+        MemoryState.load(path)
 
 
 def test_edited_tensor_with_a_valid_file(saved):
     _, path, _ = saved
     rewrite(path, edit_tensors=lambda t: t["ltm_ages.2"].add_(1))
     with pytest.raises(StateError, match="file was modified or corrupted"):
-        load_state(path)
+        MemoryState.load(path)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -204,27 +204,27 @@ def test_inconsistent_file_with_a_valid_hash(saved, edit, message):
     _, path, _ = saved
     rewrite(path, edit_tensors=edit, rehash=True)  # integrity is fine; the content is not a valid state
     with pytest.raises(StateError, match=message):
-        load_state(path)
+        MemoryState.load(path)
 
 
 def test_other_format_version(saved):
     _, path, _ = saved
     rewrite(path, edit_meta=lambda m: m.update(version=3), rehash=True)
     with pytest.raises(StateError, match="version 3.*reads versions 1, 2"):
-        load_state(path)
+        MemoryState.load(path)
 
 
 def test_missing_path_and_other_files(tmp_path):
     with pytest.raises(StateError, match="no memory-state file there"):
-        load_state(tmp_path / "nope.safetensors")
+        MemoryState.load(tmp_path / "nope.safetensors")
     with pytest.raises(StateError, match="no memory-state file there"):
-        load_state(tmp_path)  # a folder
+        MemoryState.load(tmp_path)  # a folder
     save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
     with pytest.raises(StateError, match="not a memory state saved by mplus"):
-        load_state(tmp_path / "model.safetensors")
+        MemoryState.load(tmp_path / "model.safetensors")
     (tmp_path / "text.safetensors").write_text("hello")
     with pytest.raises(StateError, match=r"text.safetensors: it is not a readable safetensors file"):
-        load_state(tmp_path / "text.safetensors")
+        MemoryState.load(tmp_path / "text.safetensors")
 
 
 def test_failed_load_leaves_the_current_state_untouched(saved, tmp_path):
@@ -247,20 +247,20 @@ EXPECT = {"kind": "mplus", "num_layers": L, "num_stm_rows": N, "hidden_size": D,
                                           ("key_dim", 256), ("kind", "memoryllm")])
 def test_state_from_a_different_model(saved, field, value):
     _, path, _ = saved
-    assert_same(load_state(path, EXPECT), saved[0])
+    assert_same(MemoryState.load(path, EXPECT), saved[0])
     with pytest.raises(StateError, match=f"different model: {field} is {EXPECT[field]!r} in the file but {value!r}"):
-        load_state(path, EXPECT | {field: value})
+        MemoryState.load(path, EXPECT | {field: value})
 
 
 def test_memoryllm_state_for_an_mplus_model(tmp_path):
     make_state("memoryllm").save(tmp_path / "s.safetensors")
     with pytest.raises(StateError, match="kind is 'memoryllm' in the file but 'mplus'"):
-        load_state(tmp_path / "s.safetensors", EXPECT)
+        MemoryState.load(tmp_path / "s.safetensors", EXPECT)
 
 
 def test_expect_converts_the_dtype(saved):
     state, path, _ = saved
-    loaded = load_state(path, {"dtype": torch.bfloat16})
+    loaded = MemoryState.load(path, {"dtype": torch.bfloat16})
     for t in [loaded.stm, *loaded.ltm, *loaded.ltm_keys, *loaded.cache_rows, *loaded.cache_keys]:
         assert t.dtype == torch.bfloat16
     assert torch.equal(loaded.stm, state.stm.bfloat16())
@@ -269,11 +269,11 @@ def test_expect_converts_the_dtype(saved):
 
 def test_expect_as_an_object_and_typos(saved):
     _, path, _ = saved
-    load_state(path, types.SimpleNamespace(**EXPECT))
+    MemoryState.load(path, types.SimpleNamespace(**EXPECT))
     with pytest.raises(TypeError, match="lacks the attributes"):
-        load_state(path, types.SimpleNamespace(num_layers=L))
+        MemoryState.load(path, types.SimpleNamespace(num_layers=L))
     with pytest.raises(TypeError, match="unknown expect fields"):
-        load_state(path, {"layers": L})
+        MemoryState.load(path, {"layers": L})
 
 
 # --------------------------------------------------------------------------------------------------- describe

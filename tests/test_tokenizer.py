@@ -1,4 +1,4 @@
-"""mplus.tokenizer: exact ids from the spec's independent references, chat templates, streaming decode, and
+"""mplus.llama.tokenizer: exact ids from the spec's independent references, chat templates, streaming decode, and
 the Llama-3.1 tokenizer's authenticity (its ranks rebuilt into Meta's tokenizer.model)."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mplus.gguf import GGUFFile
-from mplus.tokenizer import LLAMA3_DATE_HEADER, StreamDecoder, Tokenizer, TokenizerError, chatml_chat, llama3_chat
+from mplus.formats.gguf import GGUFFile
+from mplus.llama.tokenizer import LLAMA3_DATE_HEADER, StreamDecoder, Tokenizer, TokenizerError, chatml_chat, llama3_chat
 
 # spec/real-artifacts.md §4.2
 SMOLLM2_IDS = {

@@ -2,7 +2,7 @@
 import torch
 from safetensors.torch import load_file
 
-from mplus.train_base import BaseTrainConfig, train
+from mplus.train.base import BaseTrainConfig, train
 
 CONFIG = """
 stage = "base"
@@ -58,9 +58,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 def test_answer_weight_marks_exactly_the_answer_tokens(tmp_path):
     import dataclasses
 
-    from mplus.facts import corpus
-    from mplus.tokenizer_train import train_tokenizer
-    from mplus.train_base import token_stream
+    from mplus.data.facts import corpus
+    from mplus.data.bpe import train_tokenizer
+    from mplus.train.base import token_stream
     config = dataclasses.replace(config_in(tmp_path), corpus_docs=5, answer_weight=7.0)
     tokenizer = train_tokenizer(corpus(config.seed, 50), vocab_size=512)
     ids, weights = token_stream(config, tokenizer, 0)

@@ -5,8 +5,8 @@ import torch
 
 from conftest import OFFICIAL_TINY
 from mplus import MPlus
-from mplus.lora import READ
-from mplus.train_memory import Placement, full_memory_prefix, read_logits, stage1_loss, trainable_parameters
+from mplus.memory.lora import READ
+from mplus.train.memory import Placement, full_memory_prefix, read_logits, stage1_loss, trainable_parameters
 
 
 @pytest.fixture

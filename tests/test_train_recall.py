@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from mplus import MPlus
-from mplus.bench_retention import run
-from mplus.ltm import copies_of
-from mplus.train_base import BaseTrainConfig, train as train_base
-from mplus.train_recall import RecallConfig, pending_from, train
-from mplus.train_state import TrainStateError
-from mplus.train_stage1 import Stage1Config, train as train_stage1
+from mplus.apps.bench_retention import run
+from mplus.memory.ltm import copies_of
+from mplus.train.base import BaseTrainConfig, train as train_base
+from mplus.train.recall import RecallConfig, pending_from, train
+from mplus.train.resume import TrainStateError
+from mplus.train.stage1 import Stage1Config, train as train_stage1
 from test_train_base import CONFIG as BASE
 from test_train_stage1 import STAGE1
 
@@ -125,7 +125,7 @@ def test_labels_are_the_slots_a_chunk_was_written_to():
 def test_retriever_loss_is_the_balanced_bce():
     from types import SimpleNamespace
 
-    from mplus.train_recall import retriever_loss
+    from mplus.train.recall import retriever_loss
     # one layer whose projectors are identities: weights = sigmoid(q . k) averaged over the query tokens
     layer = SimpleNamespace(self_attn=SimpleNamespace(query_proj=lambda x: x, key_proj=lambda x: x),
                             input_layernorm=lambda x: x)

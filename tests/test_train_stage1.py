@@ -4,10 +4,10 @@ import math
 
 import torch
 
-from mplus.train_base import BaseTrainConfig
+from mplus.train.base import BaseTrainConfig
 from test_train_base import CONFIG as BASE
-from mplus.train_base import train as train_base
-from mplus.train_stage1 import Stage1Config, train
+from mplus.train.base import train as train_base
+from mplus.train.stage1 import Stage1Config, train
 
 STAGE1 = """
 stage = "memory1"

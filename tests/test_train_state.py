@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import mplus.train_state as ts
-from mplus.state import MemoryState
-from mplus.train_state import Run, TrainStateError, resume, save
+import mplus.train.resume as ts
+from mplus.memory.state import MemoryState
+from mplus.train.resume import Run, TrainStateError, resume, save
 
 L, N, D, D_S = 2, 4, 6, 3
 LTM_SIZES, CACHE_SIZES = (3, 0), (1, 2)  # an empty LTM layer and a cache in both layers

@@ -1,0 +1,314 @@
+"""`mplus bench retention`: the paper's knowledge-retention experiment in miniature (M+ paper, figure 4).
+
+Per episode: a fresh person of the test partition (never seen in training; the seed draws new ones), one fact
+about them written into memory at the end of a short chunk, then D filler chunks, then the question. Accuracy
+= the answer is contained in the first line of the greedy reply (at most 16 tokens, stopping at end of text;
+the model replies with a sentence such as "Talvori Quen lives in Brastow."). The same weights run five ways:
+
+  * mplus           the full model: dropped STM rows move to the LTM, the retriever brings K0 of them back;
+  * memoryllm       the same state with the LTM switched off (state.without_ltm(): same N STM rows, same drops);
+  * memoryllm_nR    a MemoryLLM with as many memory rows as M+ reads, R = N + K0 (baselines.same_size_memoryllm);
+  * in_context      the plain decoder with the fact's chunk, the filler and the question in its prompt
+                    (baselines.in_context_reply): the upper bound, at the distances that fit its positions;
+  * no_context      the question asked of the untouched memory: what the model guesses without the fact.
+
+Where M+ forgets: a dropped row waits in a cache until the next merge (every update_ltm_frequency chunks),
+enters the LTM with rf = initial_rf_when_moving_stm_to_ltm and is evicted when the per-merge decay has
+brought rf to 0 (ltm_lifetime). The default distances run to twice that lifetime, and the benchmark prints the
+setting, since the released M+ uses rf 10 and the shipped tiny model 20 (--initial-rf changes it).
+
+Distances are counted in injected tokens after the fact chunk (mean over episodes). d50 is the distance at
+which accuracy first falls to half its distance-0 value, by linear interpolation in tokens between the two
+measured points around it. Retriever recall: of the fact's rows that are in the LTM (or the dropped-row cache),
+the share the question retrieves, per layer, against the random rate K0 / (LTM + cache rows).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import random
+import sys
+from pathlib import Path
+
+import tokenizers
+import torch
+from tqdm import tqdm
+
+from mplus.apps import cli_args as arg
+from mplus.apps.chart import line_chart
+from mplus.data.facts import fact_paragraph, fresh_test_set, qa_prompt
+from mplus.formats.atomic import atomic_write_text
+from mplus.apps.baselines import fits_in_context, in_context_reply, same_size_memoryllm
+from mplus.memory.ltm import copies_of
+from mplus.memory.config import MemoryConfig
+from mplus.memory.mplus import MPlus
+
+OFFICIAL_INITIAL_RF = 10.0  # initial_rf_when_moving_stm_to_ltm of the released M+ (its config.json)
+
+
+def answered(model: MPlus, tokenizer, state, question: str, answer: str) -> bool:
+    """Whether the first line of the greedy reply (at most 16 tokens, up to the model's end-of-text token)
+    contains the answer."""
+    out = model.generate(state, tokenizer.encode(qa_prompt(question)).ids, max_new_tokens=16)
+    return answer in first_line(tokenizer, out)
+
+
+def first_line(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids).split("\n")[0]
+
+
+def recall_counts(model: MPlus, tokenizer, state, question: str, block: torch.Tensor) -> list[tuple[int, int, float]]:
+    """Per layer whose LTM (+ cache) holds rows of the fact's block [L, K, d] and is scored (>= K0 rows):
+    (fact rows retrieved, fact rows stored, random rate K0 / rows)."""
+    record: list[dict] = []
+    model.forward(state, tokenizer.encode(qa_prompt(question)).ids, record=record)
+    k0, out = model.memory_config.ltm_retrieved, []
+    for l, r in enumerate(record):
+        n_ltm = state.ltm[l].shape[0]
+        pool = torch.cat((state.ltm[l], state.cache_rows[l]))  # [S + c, d]
+        fact = copies_of(pool, block[l])  # [S + c]
+        if n_ltm >= k0 and fact.any():
+            picked = r["index"] + r["source"] * n_ltm  # [K0] pool indices
+            out.append((int(fact[picked].sum()), int(fact.sum()), k0 / pool.shape[0]))
+    return out
+
+
+def ltm_lifetime(mem: MemoryConfig) -> int | None:
+    """Chunks (updates) from the merge that moves a dropped row into the LTM to the merge that evicts it; None
+    if rows never expire. The row enters with rf = initial_rf_when_moving_stm_to_ltm, every merge (its own
+    included) subtracts decay_frequency, and the merge that leaves rf <= 0.01 evicts it (ltm.merge); merges come
+    every update_ltm_frequency updates. Shipped tiny model: rf 20, a merge every 12 updates, 19 * 12 = 228."""
+    if mem.kind != "mplus" or mem.decay_frequency <= 0:
+        return None
+    rf, merges = mem.initial_rf_when_moving_stm_to_ltm - mem.decay_frequency, 0
+    while rf > 0.01:
+        rf, merges = rf - mem.decay_frequency, merges + 1
+    return merges * mem.update_ltm_frequency
+
+
+def default_distances(lifetime: int | None) -> list[int]:
+    """Powers of two up to 128 chunks, then 1x to 2x the LTM lifetime (denser just after it, where M+ forgets)."""
+    near = [0, 1, 2, 4, 8, 16, 32, 64, 128]
+    if lifetime is None:
+        return near + [192]
+    return sorted(set(near + [round(f * lifetime) for f in (1.0, 1.05, 1.1, 1.2, 1.5, 2.0)]))
+
+
+def model_names(model: MPlus) -> tuple[str, ...]:
+    """The curves, in table and chart order; the same-size MemoryLLM is named by its STM rows (N + K0)."""
+    mem = model.memory_config
+    return ("mplus", "memoryllm", f"memoryllm_n{mem.stm_size + mem.ltm_retrieved}", "in_context", "no_context")
+
+
+def context_prompt(paragraph: str, chunks: list[str], question: str) -> str:
+    """The in-context version of an episode, in the base model's training format (facts.single_fact_document):
+    the fact's chunk and the filler as one paragraph, then the question."""
+    return " ".join((paragraph, *chunks)) + "\n" + qa_prompt(question)
+
+
+def write_both(model: MPlus, state, big: MPlus | None, big_state, ids: list[int]) -> torch.Tensor:
+    """Inject a chunk into the M+ state and write the same block into the same-size MemoryLLM's: a block
+    depends only on the last K STM rows (MPlus.encode), and both STMs end with the same K rows (checked),
+    so the block is computed once. Returns it, [L, K, d]."""
+    k = model.memory_config.num_tokens
+    if big is not None and not torch.equal(state.stm[:, -k:], big_state.stm[:, -k:]):
+        raise ValueError("the two memories no longer end with the same block; inject into each separately")
+    block = model.inject(state, ids, allow_short=True)  # [L, K, d]
+    if big is not None:
+        big.write(big_state, block, big_state.generator)
+    return block
+
+
+def run(model: MPlus, tokenizer, *, seed: int, episodes: int, distances: list[int], chunk_words: int,
+        filler_words: int, progress: bool = True) -> dict:
+    """Accuracy per model and distance (in chunks), mean token distance, retriever recall per distance.
+
+    accuracy["in_context"][j] is None where some episode's prompt does not fit the model's positions."""
+    distances = sorted(set(distances))
+    names = model_names(model)
+    big_name, skipped = names[2], {}
+    try:
+        big = same_size_memoryllm(model)
+    except ValueError as e:  # a stored memory whose LTM holds fewer than K0 rows (e.g. fresh from a Llama)
+        big, skipped[big_name] = None, str(e)
+    hits = {m: [0] * len(distances) for m in names}
+    tokens, fits = [0] * len(distances), [0] * len(distances)
+    recall = [[0, 0, 0.0, 0] for _ in distances]  # retrieved, stored, sum of random rates, layer count
+    rng = random.Random(seed)
+    test = fresh_test_set(seed, n_episodes=episodes, n_distractor_chunks=max(distances), chunk_words=chunk_words)
+    for i, ep in enumerate(tqdm(test, desc="retention", unit="episode", disable=not progress)):
+        state = model.initial_state(seed=seed * 100_003 + i)
+        big_state = big and big.initial_state(seed=seed * 100_003 + i)  # own generator: drops from N + K0 rows
+        floor = answered(model, tokenizer, state.copy(), ep["question"], ep["answer"])
+        paragraph = fact_paragraph(rng, ep["fact"], filler_words)
+        block = write_both(model, state, big, big_state, tokenizer.encode(paragraph).ids)  # [L, K, d]
+        written, c, fitting = 0, 0, True
+        for j, d in enumerate(distances):
+            for chunk in ep["distractors"][c:d]:
+                ids = tokenizer.encode(chunk).ids
+                write_both(model, state, big, big_state, ids)
+                written += len(ids)
+            c = d
+            tokens[j] += written
+            hits["no_context"][j] += floor
+            hits["mplus"][j] += answered(model, tokenizer, state, ep["question"], ep["answer"])
+            hits["memoryllm"][j] += answered(model, tokenizer, state.without_ltm(), ep["question"], ep["answer"])
+            if big:
+                hits[big_name][j] += answered(big, tokenizer, big_state, ep["question"], ep["answer"])
+            if fitting:
+                ids = tokenizer.encode(context_prompt(paragraph, ep["distractors"][:d], ep["question"])).ids
+                fitting = fits_in_context(model, len(ids))
+                if fitting:
+                    fits[j] += 1
+                    hits["in_context"][j] += ep["answer"] in first_line(tokenizer, in_context_reply(model, ids))
+            for got, stored, rate in recall_counts(model, tokenizer, state, ep["question"], block):
+                recall[j][0] += got
+                recall[j][1] += stored
+                recall[j][2] += rate
+                recall[j][3] += 1
+    accuracy = {m: [h / episodes for h in hits[m]] for m in names}
+    accuracy["in_context"] = [a if f == episodes else None for a, f in zip(accuracy["in_context"], fits)]
+    if big is None:
+        accuracy[big_name] = [None] * len(distances)
+    mem = model.memory_config
+    return {"distances": distances, "tokens": [t / episodes for t in tokens], "episodes": episodes,
+            "models": names, "accuracy": accuracy, "recall": recall, "skipped": skipped,
+            "ltm": {"initial_rf": mem.initial_rf_when_moving_stm_to_ltm, "decay": mem.decay_frequency,
+                    "merge_every": mem.update_ltm_frequency, "lifetime": ltm_lifetime(mem)}}
+
+
+def d50(tokens: list[float], accuracy: list[float]) -> float | None:
+    """The distance at which accuracy first falls to half its first (distance-0) value; None if it never does."""
+    half = accuracy[0] / 2
+    for j in range(1, len(tokens)):
+        if accuracy[j] <= half:
+            a0, a1, t0, t1 = accuracy[j - 1], accuracy[j], tokens[j - 1], tokens[j]
+            return t0 + (t1 - t0) * (a0 - half) / (a0 - a1) if a0 != a1 else t1
+    return None
+
+
+def to_csv(result: dict) -> str:
+    """model,distance_tokens,accuracy,n: one row per model and measured distance (in_context where it fits)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["model", "distance_tokens", "accuracy", "n"])
+    for m in result["models"]:
+        for t, a in zip(result["tokens"], result["accuracy"][m]):
+            if a is not None:
+                writer.writerow([m, round(t), f"{a:.4f}", result["episodes"]])
+    return buffer.getvalue()
+
+
+def measured(result: dict, m: str) -> tuple[list[float], list[float]]:
+    """(tokens, accuracy) of model m at the distances where it was measured."""
+    pairs = [(t, a) for t, a in zip(result["tokens"], result["accuracy"][m]) if a is not None]
+    return [t for t, _ in pairs], [a for _, a in pairs]
+
+
+def lifetime_tokens(result: dict) -> float | None:
+    """The LTM lifetime in tokens: lifetime chunks times the measured mean tokens per filler chunk."""
+    life, chunks = result["ltm"]["lifetime"], result["distances"][-1]
+    return None if life is None or chunks == 0 else life * result["tokens"][-1] / chunks
+
+
+def setting(result: dict) -> str:
+    ltm, life = result["ltm"], result["ltm"]["lifetime"]
+    official = "" if ltm["initial_rf"] == OFFICIAL_INITIAL_RF else f" (the released M+ uses {OFFICIAL_INITIAL_RF:g})"
+    text = (f"LTM: initial_rf_when_moving_stm_to_ltm {ltm['initial_rf']:g}{official}, decay {ltm['decay']:g} per "
+            f"merge, a merge every {ltm['merge_every']} chunks: ")
+    if life is None:
+        return text + "rows never expire"
+    tokens = lifetime_tokens(result)
+    return text + (f"a dropped row leaves the LTM {life} chunks" + (f" (~{tokens:.0f} tokens)" if tokens else "")
+                   + f" after the merge that stored it, which comes 0-{ltm['merge_every'] - 1} chunks after the drop")
+
+
+def summary(result: dict) -> str:
+    acc, tokens, names = result["accuracy"], result["tokens"], result["models"]
+    width = [max(6, len(m)) for m in names]
+    lines = [f"{'chunks':>6} {'tokens':>7} " + " ".join(f"{m:>{w}}" for m, w in zip(names, width))
+             + f" {'recall':>7} {'random':>7}"]
+    total = [0, 0, 0.0, 0]
+    for j, d in enumerate(result["distances"]):
+        got, stored, rates, n = result["recall"][j]
+        total = [a + b for a, b in zip(total, result["recall"][j])]
+        rec = f"{got / stored:7.3f} {rates / n:7.3f}" if stored else f"{'-':>7} {'-':>7}"
+        cells = [f"{acc[m][j]:{w}.3f}" if acc[m][j] is not None else f"{'-':>{w}}" for m, w in zip(names, width)]
+        lines.append(f"{d:6d} {tokens[j]:7.0f} " + " ".join(cells) + f" {rec}")
+    lines.append(f"episodes per point: {result['episodes']} (fresh test-partition people); in_context only where "
+                 "fact, filler, question and reply fit the model's positions")
+    lines.append(setting(result))
+    lines += [f"{m} not measured: {why}" for m, why in result.get("skipped", {}).items()]
+    found = {}
+    for m in names[:-1]:
+        t, a = measured(result, m)
+        if t:
+            found[m] = (d50(t, a), t[-1])
+    fmt = lambda d, span: f"{d:.0f} tokens" if d is not None else f"> {span:.0f} tokens (never halves)"  # noqa: E731
+    lines.append("d50 (linear interpolation in tokens between the measured points around half the distance-0 "
+                 "accuracy): " + ", ".join(f"{m} {fmt(*v)}" for m, v in found.items()))
+    d_m, span = found["mplus"]
+    for base in names[1:3]:
+        d_b = found.get(base, (None,))[0]
+        if d_b:
+            lines.append(f"d50 ratio mplus / {base}: {'>= ' if d_m is None else ''}{(d_m or span) / d_b:.1f}")
+    if total[1]:
+        recall, random_rate = total[0] / total[1], total[2] / total[3]
+        lines.append(f"retriever recall of the fact's LTM rows: {recall:.3f} vs random {random_rate:.3f} "
+                     f"({recall / random_rate:.1f}x), over {total[3]} layer-questions")
+    return "\n".join(lines)
+
+
+def chart(result: dict, path: str | Path, title: str) -> None:
+    """The curves on a log distance axis, with a vertical line at the LTM lifetime."""
+    life = lifetime_tokens(result)
+    markers = {f"LTM lifetime ({result['ltm']['lifetime']} chunks)": life} if life else {}
+    series = {m: list(zip(*measured(result, m))) for m in result["models"]}
+    line_chart({m: pts for m, pts in series.items() if pts}, path, title=title,
+               x_label="distance: tokens injected after the fact", y_label="accuracy", markers=markers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mplus bench retention", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, type=arg.model_folder_with_tokenizer, help="M+ folder (default: the shipped tiny model, checkpoints/tiny-mplus)")
+    # Episode i's memory drops are seeded with seed * 100_003 + i: seeds below 2^32 keep that within 63 bits.
+    p.add_argument("--seed", type=arg.seed_type(2**32 - 1), default=0,
+                   help="draws the test people, fillers and drops, 0..2^32-1 (default 0)")
+    p.add_argument("--episodes", type=arg.positive_int, default=100, help="episodes per point (default 100)")
+    p.add_argument("--distances", type=arg.int_list, default=None,
+                   help="filler chunks after the fact, comma-separated (default: 0,1,2,4,...,128, then 1x to 2x "
+                        "the LTM lifetime: 0,1,2,4,8,16,32,64,128,228,239,251,274,342,456 for the shipped model)")
+    p.add_argument("--initial-rf", type=arg.positive_float, default=None,
+                   help="override the model's initial_rf_when_moving_stm_to_ltm, the LTM time-to-live in merges "
+                        f"(default: the model's config; the released M+ uses {OFFICIAL_INITIAL_RF:g})")
+    p.add_argument("--chunk-words", type=arg.positive_int, default=48, help="words per filler chunk (default 48)")
+    p.add_argument("--filler-words", type=arg.non_negative_int, default=12, help="filler words before the fact in its chunk (default 12)")
+    p.add_argument("--out", type=arg.output_file, help="write the curve as CSV: model,distance_tokens,accuracy,n")
+    p.add_argument("--chart", type=arg.output_file, help="write an SVG chart (default: next to --out, .svg)")
+    args = p.parse_args(argv)
+    from mplus.apps.paths import tiny_model_path
+    folder = args.model or tiny_model_path()
+    model = MPlus.from_pretrained(folder)
+    if model.memory_config.kind != "mplus":
+        p.error(f"{folder} is a MemoryLLM model; the benchmark needs M+ weights (it switches the LTM off itself)")
+    if args.initial_rf is not None:
+        model.memory_config = dataclasses.replace(model.memory_config,
+                                                  initial_rf_when_moving_stm_to_ltm=args.initial_rf)
+    distances = args.distances or default_distances(ltm_lifetime(model.memory_config))
+    if min(distances) != 0:
+        p.error("--distances must include 0 (d50 is relative to the distance-0 accuracy)")
+    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    torch.manual_seed(0)  # nothing should draw from the global generator; this makes sure of it
+    result = run(model, tokenizer, seed=args.seed, episodes=args.episodes, distances=distances,
+                 chunk_words=args.chunk_words, filler_words=args.filler_words)
+    print(summary(result))
+    if args.out:
+        atomic_write_text(Path(args.out), to_csv(result))
+        print(f"wrote {args.out}", file=sys.stderr)
+    svg = args.chart or (str(Path(args.out).with_suffix(".svg")) if args.out else None)
+    if svg:
+        chart(result, svg, f"Knowledge retention (tiny M+, seed {args.seed}, {args.episodes} test facts per point)")
+        print(f"wrote {svg}", file=sys.stderr)
+    return 0

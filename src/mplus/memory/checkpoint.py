@@ -1,0 +1,169 @@
+"""M+ / MemoryLLM checkpoints in the official layout: loading, building from a plain Llama, saving.
+
+The official files hold the weights (LoRA-wrapped projections as `<name>.base_layer.weight` with
+`lora_A/lora_B.<adapter>.weight`, retriever `.0/.2.weight`, `bos_embedding`, `new_memory_positional_emb`)
+and, beside them, a memory: `memory` [L, N, d] and for M+ `ltm.{l}`, `ltm_keys.{l}`, `ltm_ages.{l}`,
+`ltm_recall_frequencies.{l}`. The memory becomes the model's checkpoint_state, a MemoryState.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mplus.llama.config import ConfigError, LlamaConfig
+from mplus.llama.sizes import check_sizes, header_shapes
+from mplus.memory.sizes import memory_tensors
+from mplus.llama.config_values import read_json_object
+from mplus.formats.atomic import atomic_write_text
+from mplus.memory.lora import READ, WRITE, LoRALinear
+from mplus.memory.config import MemoryConfig
+from mplus.llama.packing import materialize
+from mplus.memory.state import MemoryState, StateError
+from mplus.memory.state_check import check_stored
+from mplus.formats.hf_folder import checkpoint_index, load_state_into, read_tensors, save_tensors
+
+STATE_KEYS = ("memory", "initialized")  # MemoryLLM's `initialized` buffer becomes MemoryState.initialized
+STATE_PREFIXES = ("ltm.", "ltm_keys.", "ltm_ages.", "ltm_recall_frequencies.")
+
+
+def is_state_key(name: str) -> bool:
+    return name in STATE_KEYS or name.startswith(STATE_PREFIXES)
+
+
+def is_memory_checkpoint(folder: str | Path) -> bool:
+    """Whether a folder holds an M+ / MemoryLLM checkpoint (it has a `memory` tensor) rather than a plain Llama."""
+    return "memory" in checkpoint_index(Path(folder))
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no config.json in {folder}; point at an M+ or MemoryLLM checkpoint folder")
+    return read_json_object(path)
+
+
+def new_state(model, stm: torch.Tensor, ltm, keys, ages, rf, seed: int = 0) -> MemoryState:
+    """A state with the given STM [L, N, d] and LTM lists (None for MemoryLLM), zero STM ages, an empty cache."""
+    n_layers, d, d_s = stm.shape[0], stm.shape[2], model.memory_config.selector_hidden_dim
+
+    def empty(shape, dtype):
+        return None if ltm is None else [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]
+
+    return MemoryState(stm=stm, stm_ages=torch.zeros(stm.shape[:2], dtype=torch.long), ltm=ltm, ltm_keys=keys,
+                       ltm_ages=ages, ltm_rf=rf, cache_rows=empty((0, d), stm.dtype),
+                       cache_keys=empty((0, d_s), stm.dtype), cache_ages=empty((0,), torch.long),
+                       update_step=0, generator=torch.Generator().manual_seed(seed))
+
+
+def load(cls, path: str | Path, dtype: torch.dtype, progress: bool, rope_bf16: bool):
+    """cls built on the meta device, filled from an official-layout folder, with its stored memory."""
+    folder = Path(path)
+    raw = read_config(folder)
+    config, memory = LlamaConfig.from_dict(raw), MemoryConfig.from_dict(raw)
+    check_sizes(config, header_shapes(checkpoint_index(folder)), memory_tensors(config, memory))  # before the config's sizes are allocated
+    with torch.device("meta"):
+        model = cls(config, memory)
+    materialize(model, dtype)
+    tied = config.tie_word_embeddings
+    load_state_into(model, folder, progress=progress, optional=("lm_head.weight",) if tied else (),
+                    rename=lambda n: None if is_state_key(n) or (tied and n == "lm_head.weight") else n)
+    model.checkpoint_state = _stored_state(model, folder)
+    if rope_bf16:
+        model.inv_freq = model.inv_freq.bfloat16().float()
+    return model.eval()
+
+
+def _stored_state(model, folder: Path) -> MemoryState:
+    n_layers, mem, d = model.config.num_hidden_layers, model.memory_config, model.config.hidden_size
+    names = ["memory"] + ([f"{k}.{l}" for k in ("ltm", "ltm_keys", "ltm_ages", "ltm_recall_frequencies")
+                           for l in range(n_layers)] if mem.kind == "mplus" else [])
+    t = read_tensors(folder, names)
+    try:  # lengths, dtypes and values, before any conversion: a bad memory fails here, not injections later
+        check_stored(t, mem.kind, (n_layers, mem.stm_size, d), mem.selector_hidden_dim)
+    except StateError as e:
+        raise StateError(f"{folder}: the memory stored with this checkpoint is unusable: {e}; use an intact "
+                         "copy of the checkpoint") from None
+    stm = t["memory"]
+    if mem.kind != "mplus":
+        state = new_state(model, stm.to(model.dtype), None, None, None, None)
+        if "initialized" in checkpoint_index(folder):  # the official MemoryLLM buffer; absent means in use
+            flag = read_tensors(folder, ["initialized"])["initialized"]
+            if flag.numel() != 1:
+                raise ConfigError(f"'initialized' must hold one number (0 or 1), it has shape {tuple(flag.shape)}")
+            state.initialized = bool(flag.item())
+        return state
+
+    def per(key):
+        return [t[f"{key}.{l}"] for l in range(n_layers)]
+
+    # The official loader casts every stored tensor to the load dtype, then takes ages as int32 (truncated)
+    # and recall frequencies as fp32: in bf16, ages keep 8 significant bits, which can tie or reorder them.
+    return new_state(model, stm.to(model.dtype), [x.to(model.dtype) for x in per("ltm")],
+                     [x.to(model.dtype) for x in per("ltm_keys")],
+                     [x.to(model.dtype).float().long() for x in per("ltm_ages")],
+                     [x.to(model.dtype).float().double() for x in per("ltm_recall_frequencies")])
+
+
+def from_llama(cls, path: str | Path, memory: MemoryConfig, seed: int, dtype: torch.dtype):
+    """A new memory model around a plain Llama folder, initialised as the official training recipe does."""
+    folder = Path(path)
+    config = LlamaConfig.from_file(folder)
+    check_sizes(config, header_shapes(checkpoint_index(folder)))  # the memory's own sizes are bounded by its config
+    if config.bos_token_id is None:
+        raise ConfigError("the Llama config has no bos_token_id; the memory's BOS embedding starts from it")
+    with torch.device("meta"):
+        model = cls(config, memory)
+    materialize(model, dtype)
+    base = {n.replace(".base_layer.", "."): n for n, _ in model.named_parameters() if ".base_layer." in n}
+    fresh = [n for n, _ in model.named_parameters() if ".lora_" in n or "_proj.0." in n or "_proj.2." in n
+             or n in ("bos_embedding", "new_memory_positional_emb")]
+    load_state_into(model, folder, rename=lambda n: base.get(n, n),
+                    optional=fresh + (["lm_head.weight"] if config.tie_word_embeddings else []))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.reset_adapter(WRITE, g), module.reset_adapter(READ, g)
+        for layer in model.model.layers:
+            for name in ("query_proj", "key_proj", "encoder_query_proj"):
+                for linear in getattr(layer.self_attn, name, ()):
+                    if isinstance(linear, nn.Linear):  # HF's _init_weights default
+                        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) * 0.02)
+        model.bos_embedding.copy_(model.model.embed_tokens.weight[config.bos_token_id].expand_as(model.bos_embedding))
+        model.new_memory_positional_emb.zero_()
+    n_layers, d = config.num_hidden_layers, config.hidden_size
+    stm = torch.randn(n_layers, memory.stm_size, d, generator=g).to(dtype)
+    if memory.kind == "mplus":  # an empty long-term memory
+        empty = [[torch.zeros(shape, dtype=t) for _ in range(n_layers)] for shape, t in
+                 (((0, d), dtype), ((0, memory.selector_hidden_dim), dtype), ((0,), torch.long), ((0,), torch.float64))]
+        model.checkpoint_state = new_state(model, stm, *empty)
+    else:
+        model.checkpoint_state = new_state(model, stm, None, None, None, None)
+    return model.eval()
+
+
+def save(model, path: str | Path, state: MemoryState, max_shard_bytes: int | None = None) -> None:
+    """config.json and the safetensors files in the official layout: weights, `memory` and the LTM of `state`.
+
+    As mplus.formats.hf_folder.save_tensors: one model.safetensors, or shards of at most max_shard_bytes with an index; a save
+    killed at any moment leaves the old or the new checkpoint, never a mix.
+    """
+    folder = Path(path)
+    tensors = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight")
+    tensors["memory"] = state.stm
+    if not state.has_ltm:  # MemoryLLM's buffer, as the official class saves it
+        tensors["initialized"] = torch.tensor(int(state.initialized), dtype=torch.uint8)
+    if state.has_ltm:
+        for l in range(state.num_layers):
+            tensors[f"ltm.{l}"], tensors[f"ltm_keys.{l}"] = state.ltm[l], state.ltm_keys[l]
+            tensors[f"ltm_ages.{l}"] = state.ltm_ages[l].float()
+            tensors[f"ltm_recall_frequencies.{l}"] = state.ltm_rf[l].float()
+    save_tensors(tensors, folder, max_shard_bytes)
+    config = {**model.config.to_dict(), **model.memory_config.to_dict(), "architectures": [type(model).__name__],
+              "ltm_initial_size": max((x.shape[0] for x in state.ltm), default=0) if state.has_ltm else 0}
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")

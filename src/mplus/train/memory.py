@@ -1,0 +1,118 @@
+"""Stage 1 of the training recipe (spec 8.3): teach the adapters to write a chunk into memory and read it back.
+
+One step encodes a context chunk into a new memory block with the write adapter (keeping its gradient: the
+only way gradient reaches the write adapter), then predicts a "sentence" that depends on the chunk while
+reading a memory that holds the block:
+
+  * full memory (80 % of steps in the recipe): prefix [bos, a random sorted subset of N - K STM rows, the new
+    block] at the generation positions, read adapter;
+  * fresh block only (20 %): prefix [bos, the new block] at positions 0..K, sentence from K + 1, write adapter.
+
+The loss is cross-entropy on the sentence's target tokens. Only the two adapters and the two learned
+embeddings train; the base weights and the memory are frozen (the STM evolves by writes, not by gradients).
+
+Notation: L layers, N STM rows, K rows per block, P prefix rows, T sentence tokens, d hidden size, V vocab.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from mplus.memory.lora import READ, WRITE
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    """LoRA A/B of both adapters, bos_embedding and new_memory_positional_emb; everything else frozen."""
+    model.requires_grad_(False)
+    params = [p for n, p in model.named_parameters()
+              if ".lora_A." in n or ".lora_B." in n or n in ("bos_embedding", "new_memory_positional_emb")]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def read_logits(model, rows: list[torch.Tensor], row_positions: torch.Tensor, ids: torch.Tensor,
+                positions: torch.Tensor, adapter: str) -> torch.Tensor:
+    """Logits [1, T, V] of ids [T] at `positions`, every layer l reading rows[l] [P, d] as keys/values only."""
+    cos, sin = model._cos_sin(positions)  # [T, D]
+    p_cos, p_sin = model._cos_sin(row_positions)  # [P, D]
+    x = model.model.embed_tokens(ids)[None]  # [1, T, d]
+    for l, layer in enumerate(model.model.layers):
+        prefix_kv = layer.prefix_kv(rows[l][None], p_cos, p_sin, adapter)
+        x = layer(x, cos, sin, prefix_kv=prefix_kv, adapter=adapter)  # [1, T, d]
+    return model.lm_head(model.model.norm(x)).float()  # [1, T, V]
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where the full-memory prefix shows the new block. The recipe's default shows it last, whole, in the STM,
+    and a read adapter trained on that reads nothing else (measured: 0.87 right after the write, 0.27 two
+    updates later with the block's rows all kept, 0.87 again when they are moved back to the end).
+
+    max_age   show it as it will sit 0..max_age updates later: that many blocks of STM rows after it;
+    min_keep  keep a random share q ~ U(min_keep, 1) of its rows per layer, as random drops (or a partial
+              retrieval) leave it;
+    ltm_ratio share of examples that show those rows among the K0 retrieved rows instead (M+ generation:
+              [bos, K0 retrieved, N STM]), with the whole STM after them.
+    """
+    max_age: int = 0
+    min_keep: float = 1.0
+    ltm_ratio: float = 0.0
+
+
+def full_memory_prefix(model, stm: torch.Tensor, delta: torch.Tensor, g: torch.Generator,
+                       placement: Placement = Placement()) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per layer [bos, N - K random STM rows in order, the new block]: the memory as it will be after the write
+    (or, with a non-default placement, as it will be later; see Placement). Returns rows and their positions."""
+    mem = model.memory_config
+    N, K, k0 = mem.stm_size, mem.num_tokens, mem.ltm_retrieved
+    age = int(torch.randint(0, placement.max_age + 1, (), generator=g)) if placement.max_age else 0
+    q = placement.min_keep + (1 - placement.min_keep) * float(torch.rand((), generator=g)) \
+        if placement.min_keep < 1 else 1.0
+    m = max(1, round(K * q))
+    if placement.ltm_ratio > 0 and k0 < K:
+        raise ValueError(f"ltm_ratio > 0 needs at least K = {K} retrieved rows (num_ltm_blocks >= 1); this memory "
+                         f"retrieves {k0}")
+    in_ltm = placement.ltm_ratio > 0 and float(torch.rand((), generator=g)) < placement.ltm_ratio
+    rows = []
+    for l in range(stm.shape[0]):
+        block = delta[l][torch.randperm(K, generator=g)[:m].sort().values] if m < K else delta[l]  # [m, d]
+        if in_ltm:  # [bos, K0 - m random STM rows with the block's rows at a random place among them, STM]
+            others = stm[l][torch.randperm(N, generator=g)[:k0 - m]]  # [K0 - m, d]
+            at = int(torch.randint(0, k0 - m + 1, (), generator=g))
+            rows.append(torch.cat((model.bos_embedding[l], others[:at], block, others[at:], stm[l])))
+            continue
+        keep = torch.randperm(N, generator=g)[:N - m].sort().values  # [N - m]
+        after = min(age * K, N - m)
+        others = stm[l][keep]  # [N - m, d]
+        rows.append(torch.cat((model.bos_embedding[l], others[:N - m - after], block, others[N - m - after:])))
+    if in_ltm:
+        return rows, torch.arange(1 + k0 + N)  # bos 0, retrieved 1..K0, STM K0+1..K0+N
+    positions = torch.cat((torch.zeros(1, dtype=torch.long), torch.arange(1 + k0, 1 + k0 + N)))  # STM slots
+    return rows, positions
+
+
+def stage1_loss(model, stm: torch.Tensor, chunk: torch.Tensor, sentence: torch.Tensor, targets: torch.Tensor,
+                *, fresh_only: bool, g: torch.Generator, placement: Placement = Placement()
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, new block [L, K, d]) for one example.
+
+    chunk [n] is written; sentence [T] is read back; targets [T] (bool) marks the tokens whose prediction counts
+    (e.g. only the answer of a question). The returned block still carries its gradient; write it into the
+    STM detached after the optimiser step, as the recipe does.
+    """
+    K = model.memory_config.num_tokens
+    delta = model.encode(stm, chunk)  # [L, K, d], differentiable
+    if fresh_only:
+        rows = [torch.cat((model.bos_embedding[l], delta[l])) for l in range(delta.shape[0])]  # [1 + K, d] each
+        logits = read_logits(model, rows, torch.arange(1 + K), sentence, 1 + K + torch.arange(sentence.shape[0]),
+                             WRITE)
+    else:
+        rows, row_positions = full_memory_prefix(model, stm, delta, g, placement)
+        positions = model.memory_config.virtual_prefix + torch.arange(sentence.shape[0])
+        logits = read_logits(model, rows, row_positions, sentence, positions, READ)
+    mask = targets[1:]
+    loss = F.cross_entropy(logits[0, :-1][mask], sentence[1:][mask])
+    return loss, delta
