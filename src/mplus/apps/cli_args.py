@@ -12,6 +12,9 @@ import math
 from pathlib import Path
 from typing import Callable
 
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
 
 
@@ -174,3 +177,15 @@ def output_folder(value: str) -> Path:
         raise argparse.ArgumentTypeError(f"{value} is a file, expected a folder (it is created if missing)")
     _check_ancestors(value, path)
     return path
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(f"{path} is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None
+

@@ -18,16 +18,16 @@ from __future__ import annotations
 import argparse
 import random
 
-import tokenizers
 import torch
 from tqdm import tqdm
 
 from mplus.apps import cli_args as arg
 from mplus.apps.baselines import fits_in_context, in_context_reply, same_size_memoryllm
-from mplus.data.facts import RELATIONS, distractor_chunk, draw_name, fact_example, fact_paragraph, make_entity, qa_prompt
+from mplus.apps.questions import question_prompt
+from mplus.data.facts import RELATIONS, distractor_chunk, draw_name, fact_example, fact_paragraph, make_entity
 from mplus.memory.ltm import copies_of
 from mplus.memory.mplus import MPlus
-from mplus.llama.tokenizer import StreamDecoder
+from mplus.llama.tokenizer import StreamDecoder, Tokenizer
 
 
 def story(rng: random.Random, facts: int, filler_words: int) -> list[dict]:
@@ -53,11 +53,12 @@ def where(state, block: torch.Tensor) -> tuple[int, int]:
     return stm, ltm
 
 
-def answer(model: MPlus, tokenizer, state, question: str, label: str) -> str:
-    """Stream the greedy answer after `label`; returns it (up to the first line break)."""
+def answer(model: MPlus, tokenizer: Tokenizer, state, prompt: str, label: str) -> str:
+    """Stream the greedy answer to `prompt` (the question as the model reads it) after `label`; returns it (up
+    to the first line break)."""
     decoder, text = StreamDecoder(tokenizer), ""
     print(f"  {label:>16}: ", end="", flush=True)
-    for token in model.generate_tokens(state, tokenizer.encode(qa_prompt(question)).ids, max_new_tokens=16):
+    for token in model.generate_tokens(state, tokenizer.encode(prompt), max_new_tokens=16):
         if token in model.config.eos_token_id:
             break
         piece = decoder.push(token)
@@ -68,16 +69,16 @@ def answer(model: MPlus, tokenizer, state, question: str, label: str) -> str:
     return text.strip()
 
 
-def answer_in_context(model: MPlus, tokenizer, ids: list[int]) -> str:
+def answer_in_context(model: MPlus, tokenizer: Tokenizer, ids: list[int]) -> str:
     """The in-context reply (up to the first line break), printed like answer()."""
     text = tokenizer.decode(in_context_reply(model, ids)).split("\n")[0]
     print(f"  {'in context':>16}: {text}", end="", flush=True)
     return text.strip()
 
 
-def show_retrieval(model: MPlus, tokenizer, state, question: str, block: torch.Tensor) -> None:
+def show_retrieval(model: MPlus, tokenizer: Tokenizer, state, prompt: str, block: torch.Tensor) -> None:
     record: list[dict] = []
-    model.forward(state, tokenizer.encode(qa_prompt(question)).ids, record=record)
+    model.forward(state, tokenizer.encode(prompt), record=record)
     for l, r in enumerate(record):
         pool = torch.cat((state.ltm[l], state.cache_rows[l]))  # [S + c, d]
         pool_ages = torch.cat((state.ltm_ages[l], state.cache_ages[l]))
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> None:
     from mplus.apps.paths import tiny_model_path
     folder = args.model or tiny_model_path()
     model = MPlus.from_pretrained(folder)
-    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(folder)
+    tokenizer.check_model_vocab(model.config.vocab_size)
     mem = model.memory_config
     big_name = f"MemoryLLM-{mem.stm_size + mem.ltm_retrieved}"
     try:
@@ -118,12 +120,15 @@ def run(args: argparse.Namespace) -> None:
     print(f"Tiny M+ from {folder}: {model.config.num_hidden_layers} layers, d {model.config.hidden_size}; per layer "
           f"an STM of {mem.stm_size} rows, {mem.num_tokens} new rows per chunk, {mem.ltm_retrieved} rows retrieved "
           f"from the LTM. Baselines: MemoryLLM (the same state, LTM off: {mem.stm_size} rows) and {big_name} (the "
-          f"same weights with {mem.stm_size + mem.ltm_retrieved} STM rows, as many as M+ reads).\n\n"
-          "The story (people the model never saw in training), one chunk per fact:")
+          f"same weights with {mem.stm_size + mem.ltm_retrieved} STM rows, as many as M+ reads).\n"
+          f"Every model is asked {question_prompt(model, '<question>')!r}"
+          + (" (the checkpoint's question template).\n\n" if mem.question_template else
+             " (the fact task's format; the checkpoint has no question template).\n\n")
+          + "The story (people the model never saw in training), one chunk per fact:")
     texts = []
     for item in items:
         print("  " + item["fact"])
-        ids = tokenizer.encode(item["paragraph"]).ids
+        ids = tokenizer.encode(item["paragraph"])
         item["block"] = model.inject(state, ids, allow_short=True)
         if big:
             big.inject(big_state, ids, allow_short=True)
@@ -131,7 +136,7 @@ def run(args: argparse.Namespace) -> None:
     written = 0
     for _ in tqdm(range(args.chunks), desc="injecting filler", unit="chunk"):
         texts.append(distractor_chunk(rng, args.chunk_words))
-        ids = tokenizer.encode(texts[-1]).ids
+        ids = tokenizer.encode(texts[-1])
         model.inject(state, ids, allow_short=True)
         if big:
             big.inject(big_state, ids, allow_short=True)
@@ -146,11 +151,12 @@ def run(args: argparse.Namespace) -> None:
         stm_rows, ltm_rows = where(state, item["block"])
         print(f"Q: {item['question']}   (true answer: {item['answer']}; this fact's rows now: {stm_rows} in the STM, "
               f"{ltm_rows} in the LTM)")
+        prompt = question_prompt(model, item["question"])
         for label, m, s in readers:
-            ok = item["answer"] in answer(m, tokenizer, s, item["question"], label)
+            ok = item["answer"] in answer(m, tokenizer, s, prompt, label)
             score[label] += ok
             print("   " + ("correct" if ok else "wrong"))
-        ids = tokenizer.encode(" ".join(texts) + "\n" + qa_prompt(item["question"])).ids
+        ids = tokenizer.encode(" ".join(texts) + "\n" + prompt)
         if fits_in_context(model, len(ids)):
             fitted += 1
             ok = item["answer"] in answer_in_context(model, tokenizer, ids)
@@ -159,7 +165,7 @@ def run(args: argparse.Namespace) -> None:
         else:
             print(f"  {'in context':>16}: the story and filler ({len(ids)} tokens) do not fit the model's "
                   f"{model.config.max_position_embeddings} positions")
-        show_retrieval(model, tokenizer, state, item["question"], item["block"])
+        show_retrieval(model, tokenizer, state, prompt, item["block"])
     n = len(items)
     print(f"\nM+ answered {score['M+']} of {n}; MemoryLLM (the same weights and STM, LTM off) {score['MemoryLLM']} "
           f"of {n}" + (f"; {big_name} (as many memory rows as M+ reads) {score[big_name]} of {n}" if big else "")

