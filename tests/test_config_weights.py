@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from mplus import ConfigError, Llama, LlamaConfig, WeightsError
 from tiny import tiny_llama
 
-LEGACY = {  # Llama-3.1-8B's config.json fields (spec/llama-numerics.md §1)
+LEGACY = {  # Llama-3.1-8B's config.json fields (meta-llama/Llama-3.1-8B)
     "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
     "intermediate_size": 14336, "vocab_size": 128256, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

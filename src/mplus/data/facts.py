@@ -192,7 +192,7 @@ def distractor_chunk(rng: random.Random, n_words: int) -> str:
 def fact_paragraph(rng: random.Random, fact: str, filler_words: int) -> str:
     """The chunk that writes a fact into memory: filler_words of filler, then the fact sentence.
 
-    The fact comes last because a chunk's new memory rows are the hidden states of its last K tokens (spec 3.2):
+    The fact comes last because a chunk's new memory rows are the hidden states of its last K tokens (MemoryLLM, arXiv 2402.04624 §3.1.2):
     a tiny model cannot learn, on a CPU budget, to move a fact from the middle of a chunk into them."""
     return " ".join(x for x in (distractor_chunk(rng, filler_words), fact) if x)
 

