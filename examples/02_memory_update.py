@@ -1,9 +1,10 @@
 """02 - One memory update (MemoryLLM's self-update), step by step, on the shipped tiny M+.
 
-A chunk is encoded with the write adapter: per layer, the prefix [bos, last K STM rows] is followed by the
+A chunk goes through the write pass (model.new_memory_block, write adapter): per layer, the prefix [bos, last K STM rows] is followed by the
 chunk, and the outputs at the chunk's last K positions are the new memory block. Then K random STM rows per
 layer are dropped (forgotten by MemoryLLM, moved to the LTM cache by M+) and the block is appended.
-The example does the update by hand with the library's pure functions and checks it equals model.inject.
+The example does the update by hand with the library's pure functions (mplus.memory.stm) and checks it equals
+model.inject.
 
 Run: .venv/bin/python examples/02_memory_update.py [MODEL_DIR]   (seconds; uses checkpoints/tiny-mplus)
 MODEL_DIR defaults to the shipped checkpoints/tiny-mplus; examples/04 trains one to try these on.
@@ -16,7 +17,7 @@ import tokenizers
 import torch
 
 from mplus import MPlus
-from mplus.memory import ltm
+from mplus.memory import stm
 from mplus.data.facts import fact_paragraph, fresh_test_set
 from mplus.apps.paths import tiny_model_path
 
@@ -36,19 +37,19 @@ print(f"its last {K} tokens, whose hidden states become the memory: {tok.decode(
 state = model.initial_state(seed=0)
 by_hand = state.copy()
 with torch.no_grad():
-    # 1. encode: the new block [L, K, d] (write adapter, prefix [bos, STM[l][N-K:]], positions 0..K+n)
-    block = model.encode(by_hand.stm, torch.tensor(ids))
-    print(f"1. encode -> new block {tuple(block.shape)}")
+    # 1. the write pass: the new block [L, K, d] (write adapter, prefix [bos, STM[l][N-K:]], positions 0..K+n)
+    block = model.new_memory_block(by_hand.stm, torch.tensor(ids))
+    print(f"1. new_memory_block -> new block {tuple(block.shape)}")
     # 2. per layer: a random permutation decides which K rows leave; survivors keep their order
-    kept, gone = ltm.draw_drop(N, K, by_hand.generator)
+    kept, gone = stm.draw_drop(N, K, by_hand.generator)
     print(f"2. layer 0 drops rows {gone.tolist()}")
-    rows, ages = ltm.write_block(by_hand.stm[0], by_hand.stm_ages[0], block[0], kept)
+    rows, ages = stm.write_block(by_hand.stm[0], by_hand.stm_ages[0], block[0], kept)
     print(f"3. layer 0 STM after the write {tuple(rows.shape)}: survivors then the block; new ages "
           f"{ages[-K:].tolist()}")
-# the library does the same for every layer (one permutation each), and M+ caches the dropped rows
+# the library does the same for every layer (stm.drop_and_append, one permutation each); M+ caches the dropped rows
 model.inject(state, ids, allow_short=True)
 same = torch.equal(state.stm[0], rows) and torch.equal(state.stm_ages[0], ages)
 print(f"model.inject gives the same layer-0 STM: {same}")
 assert same
-print(f"M+ moved the dropped rows to the LTM cache: {state.cache_rows[0].shape[0]} rows in layer 0, merged into the "
+print(f"M+ moved the dropped rows to the LTM cache: {len(state.ltm[0].cache)} rows in layer 0, merged into the "
       f"LTM every {mem.update_ltm_frequency} updates")

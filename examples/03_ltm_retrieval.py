@@ -32,28 +32,26 @@ block = model.inject(state, tok.encode(fact_paragraph(random.Random(0), ep["fact
 print(f"fact: {ep['fact']}")
 for i, chunk in enumerate(ep["distractors"], 1):
     model.inject(state, tok.encode(chunk).ids, allow_short=True)
-    if i % 15 == 0 and state.ltm[0].numel():
+    ltm = state.ltm[0]  # layer 0's long-term memory: rows, keys, ages, time to live, and the dropped-row cache
+    if i % 15 == 0 and len(ltm):
         in_stm = int(copies_of(state.stm[0], block[0]).sum())
-        ages, ttl = state.ltm_ages[0], state.ltm_rf[0]
-        print(f"after {i:2d} filler chunks: layer 0 holds {state.ltm[0].shape[0]:4d} LTM rows (ages {int(ages.min())}.."
-              f"{int(ages.max())}, time to live {ttl.min().item():g}..{ttl.max().item():g} merges) + "
-              f"{state.cache_rows[0].shape[0]:3d} cached; the fact keeps {in_stm:2d} of its {block.shape[1]} rows in the STM")
+        print(f"after {i:2d} filler chunks: layer 0 holds {len(ltm):4d} LTM rows (ages {int(ltm.ages.min())}.."
+              f"{int(ltm.ages.max())}, time to live {ltm.rf.min().item():g}..{ltm.rf.max().item():g} merges) + "
+              f"{len(ltm.cache):3d} cached; the fact keeps {in_stm:2d} of its {block.shape[1]} rows in the STM")
 
 question = tok.encode(qa_prompt(ep["question"])).ids
 record = []
 model.forward(state, question, record=record)
 print(f"\nQ: {ep['question']} (answer {ep['answer']})")
 for l, r in enumerate(record):
-    layer = model.model.layers[l]
+    ltm = state.ltm[l]
     with torch.no_grad():
-        queries = layer.self_attn.query_proj(layer.input_layernorm(r["layer_input"]))  # [T, d_s]
-        pool_keys = torch.cat((state.ltm_keys[l], state.cache_keys[l]))
-        scores = relevance(queries, pool_keys)  # [S + c]
-    pool = torch.cat((state.ltm[l], state.cache_rows[l]))
+        queries = model.memory_queries(l, r["layer_input"])  # [T, d_s]: f_q of the question's layer inputs
+        scores = relevance(queries, ltm.pool("keys"))  # [S + c] over [LTM; cache]
+    pool = ltm.pool("rows")  # [S + c, d]
     fact = copies_of(pool, block[l])
     rank = (scores[None, :] > scores[fact][:, None]).sum(1) + 1  # 1 = best
-    fed = r["index"] + r["source"] * state.ltm[l].shape[0]  # pool rows in feeding order
-    ages = torch.cat((state.ltm_ages[l], state.cache_ages[l]))[fed]
+    ages = r["retrieved"].ages  # the retrieved rows' ages, in feeding order
     print(f"layer {l}: the fact's {int(fact.sum())} LTM rows rank {sorted(rank.tolist())} among {pool.shape[0]}; "
           f"the top {K0} are fed oldest first (ages {ages[:3].tolist()} ... {ages[-1].item()})")
 answer = model.generate(state, question, max_new_tokens=16, stop_ids=())

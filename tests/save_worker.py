@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mplus import Llama, MPlus
+from mplus.memory.ltm import LayerLTM
 from mplus.memory.state import MemoryState
 from tiny import tiny_llama
 
@@ -29,13 +30,11 @@ def _state(seed: int) -> MemoryState:
     def each(make):
         return [make() for _ in range(n_layers)]
 
-    return MemoryState(stm=torch.randn(n_layers, 32, d, generator=g), stm_ages=torch.zeros(n_layers, 32, dtype=torch.long),
-                       ltm=each(lambda: torch.randn(rows, d, generator=g)),
-                       ltm_keys=each(lambda: torch.randn(rows, d_s, generator=g)),
-                       ltm_ages=each(lambda: torch.zeros(rows, dtype=torch.long)),
-                       ltm_rf=each(lambda: torch.ones(rows, dtype=torch.float64)),
-                       cache_rows=each(lambda: torch.zeros(0, d)), cache_keys=each(lambda: torch.zeros(0, d_s)),
-                       cache_ages=each(lambda: torch.zeros(0, dtype=torch.long)), update_step=0,
+    stm = torch.randn(n_layers, 32, d, generator=g)
+    rows_, keys = each(lambda: torch.randn(rows, d, generator=g)), each(lambda: torch.randn(rows, d_s, generator=g))
+    ltm = [LayerLTM(r, k, torch.zeros(rows, dtype=torch.long), torch.ones(rows, dtype=torch.float64),
+                    LayerLTM.empty(d, d_s, torch.float32).cache) for r, k in zip(rows_, keys)]
+    return MemoryState(stm=stm, stm_ages=torch.zeros(n_layers, 32, dtype=torch.long), ltm=ltm, update_step=0,
                        generator=torch.Generator().manual_seed(seed))
 
 
@@ -73,7 +72,7 @@ def loaded(kind: str, folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _memory(state: MemoryState) -> dict[str, torch.Tensor]:
-    return {"stm": state.stm, **{f"ltm.{l}": x for l, x in enumerate(state.ltm)}}
+    return {"stm": state.stm, **{f"ltm.{l}": m.rows for l, m in enumerate(state.ltm)}}
 
 
 if __name__ == "__main__":

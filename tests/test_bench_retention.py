@@ -114,9 +114,10 @@ def test_same_size_memoryllm_holds_the_mplus_rows_and_writes_the_same_blocks(shi
     grown = big.checkpoint_state.stm  # [L, N + K0, d]
     for l in range(state.num_layers):
         assert torch.equal(grown[l, k0:], state.stm[l])  # the M+ STM, last
-        youngest = state.ltm_ages[l].sort().values[:k0]
-        ltm_rows = [i for i in range(state.ltm[l].shape[0]) for r in grown[l, :k0] if torch.equal(state.ltm[l][i], r)]
-        assert len(ltm_rows) == k0 and sorted(state.ltm_ages[l][ltm_rows].tolist()) == youngest.tolist()
+        m = state.ltm[l]
+        youngest = m.ages.sort().values[:k0]
+        ltm_rows = [i for i in range(len(m)) for r in grown[l, :k0] if torch.equal(m.rows[i], r)]
+        assert len(ltm_rows) == k0 and sorted(m.ages[ltm_rows].tolist()) == youngest.tolist()
     # the benchmark's shortcut: a chunk's block written into the M+ state equals the one the MemoryLLM encodes
     rng = random.Random(5)
     a, b, c = model.initial_state(1), big.initial_state(2), big.initial_state(2)
@@ -154,8 +155,8 @@ def test_a_memory_with_too_short_an_ltm_cannot_be_grown_and_the_summary_says_so(
     model, _ = shipped
     short = copy.copy(model)
     short.checkpoint_state = model.checkpoint_state.copy()
-    short.checkpoint_state.ltm = [x[:10] for x in short.checkpoint_state.ltm]  # 10 rows; K0 = 64 are needed
-    short.checkpoint_state.ltm_ages = [x[:10] for x in short.checkpoint_state.ltm_ages]
+    for m in short.checkpoint_state.ltm:  # 10 rows; K0 = 64 are needed
+        m.rows, m.keys, m.ages, m.rf = m.rows[:10], m.keys[:10], m.ages[:10], m.rf[:10]
     with pytest.raises(ValueError, match="holds 10 long-term rows, fewer than the 64 needed"):
         same_size_memoryllm(short)
     skipped = {**RESULT, "skipped": {"memoryllm_n192": "too few rows"},

@@ -88,7 +88,7 @@ def test_resigned_state_with_impossible_values(path, edit, edit_meta, message):
 
 def test_saving_an_impossible_state_fails_at_once(tmp_path):
     state = make_state()
-    state.ltm[0][0, 0] = float("nan")
+    state.ltm[0].rows[0, 0] = float("nan")
     with pytest.raises(StateError, match=r"cannot save .*ltm\.0 holds NaN"):
         state.save(tmp_path / "s.safetensors")
     assert not (tmp_path / "s.safetensors").exists()

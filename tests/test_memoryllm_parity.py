@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import OFFICIAL_MEMORYLLM_TINY as FIXTURES
 from mplus import ConfigError
-from mplus.memory.ltm import draw_drop
+from mplus.memory.stm import draw_drop
 from mplus.memory.mplus import MPlus
 from mplus.llama.rope import default_inv_freq, rope_cos_sin
 from mplus.memory.state import MemoryState

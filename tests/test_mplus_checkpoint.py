@@ -63,10 +63,10 @@ def test_mplus_from_llama_starts_with_an_empty_ltm_and_answers(tmp_path):
     model = MPlus.from_llama(tmp_path, MemoryConfig(kind="mplus", num_tokens=4, num_blocks=6, num_ltm_blocks=2,
                                                     selector_hidden_dim=8, update_ltm_frequency=1, lora_r=2, lora_alpha=4))
     state = model.initial_state()
-    assert all(x.shape[0] == 0 for x in state.ltm)
+    assert all(len(m) == 0 for m in state.ltm)
     assert len(model.generate(state, [5, 6, 7], max_new_tokens=3, stop_ids=())) == 3  # an empty LTM feeds no rows
     model.inject(state, torch.arange(3, 23))
-    assert all(x.shape[0] == 4 for x in state.ltm)  # update_ltm_frequency 1: merged at once
+    assert all(len(m) == 4 for m in state.ltm)  # update_ltm_frequency 1: merged at once
 
 
 @pytest.mark.parametrize("edit, error, message", [
@@ -91,12 +91,12 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, edit, error, message):
 def test_a_state_that_does_not_fit_is_refused_clearly():
     model = MPlus.from_pretrained(FIXTURE)
     state = model.initial_state()
-    state.ltm_keys[1] = state.ltm_keys[1][:, :8]  # keys of another retriever width
+    state.ltm[1].keys = state.ltm[1].keys[:, :8]  # keys of another retriever width
     with pytest.raises(ValueError, match="wrong width"):
         model(state, torch.arange(3, 12))
     state = model.initial_state()
     state.ltm.pop()
-    with pytest.raises(ValueError, match="one entry per layer"):
+    with pytest.raises(ValueError, match="one record per layer"):
         model.inject(state, torch.arange(3, 23))
     with pytest.raises(ValueError, match="the chunk must be a non-empty"):
         model.inject(model.initial_state(), [])
@@ -119,6 +119,6 @@ def test_sharded_save_holds_the_same_tensors_and_loads(tmp_path):
     assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
     back, one = MPlus.from_pretrained(tmp_path / "sharded"), MPlus.from_pretrained(tmp_path / "one")
     assert torch.equal(back.checkpoint_state.stm, state.stm)
-    assert all(torch.equal(a, b) for a, b in zip(back.checkpoint_state.ltm, state.ltm))
+    assert all(torch.equal(a.rows, b.rows) for a, b in zip(back.checkpoint_state.ltm, state.ltm))
     ids = torch.arange(3, 12)
     assert torch.equal(back(back.initial_state(), ids), one(one.initial_state(), ids))

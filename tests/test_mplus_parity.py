@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import OFFICIAL_TINY
 from mplus import ConfigError, MemoryConfig
-from mplus.memory.ltm import draw_drop
+from mplus.memory.stm import draw_drop
 from mplus.memory.mplus import MPlus
 from parity import Diffs, exact, greedy_with_logits
 
@@ -36,8 +36,8 @@ def model():
 
 def check_retrieval(record, f, prefix):
     for l, r in enumerate(record):
-        exact(f"{prefix} layer {l} source", r["source"], f[f"{prefix}/retrieval/layer{l}/final_source"])
-        exact(f"{prefix} layer {l} index", r["index"], f[f"{prefix}/retrieval/layer{l}/final_index"])
+        exact(f"{prefix} layer {l} source", r["retrieved"].source, f[f"{prefix}/retrieval/layer{l}/final_source"])
+        exact(f"{prefix} layer {l} index", r["retrieved"].index, f[f"{prefix}/retrieval/layer{l}/final_index"])
 
 
 def check_forward(model, state, f, prefix, name):
@@ -52,17 +52,18 @@ def check_forward(model, state, f, prefix, name):
 def check_state(state, c, prefix):
     close("stm", state.stm, c[f"{prefix}/memory"])
     exact(f"{prefix} stm ages", state.stm_ages, c[f"{prefix}/memory_ages"])
-    for l in range(state.num_layers):
-        close("ltm rows", state.ltm[l], c[f"{prefix}/ltm.{l}"])
-        close("ltm keys", state.ltm_keys[l], c[f"{prefix}/ltm_keys.{l}"])
-        exact(f"{prefix} ltm ages {l}", state.ltm_ages[l], c[f"{prefix}/ltm_ages.{l}"])
-        exact(f"{prefix} ltm rf {l}", state.ltm_rf[l], c[f"{prefix}/ltm_recall_frequencies.{l}"])
+    for l, m in enumerate(state.ltm):
+        close("ltm rows", m.rows, c[f"{prefix}/ltm.{l}"])
+        close("ltm keys", m.keys, c[f"{prefix}/ltm_keys.{l}"])
+        exact(f"{prefix} ltm ages {l}", m.ages, c[f"{prefix}/ltm_ages.{l}"])
+        exact(f"{prefix} ltm rf {l}", m.rf, c[f"{prefix}/ltm_recall_frequencies.{l}"])
     if f"{prefix}/cached_dropped_memories" in c:
-        close("cache rows", torch.stack(state.cache_rows), c[f"{prefix}/cached_dropped_memories"])
-        close("cache keys", torch.stack(state.cache_keys), c[f"{prefix}/cached_dropped_keys"])
-        exact(f"{prefix} cache ages", torch.stack(state.cache_ages), c[f"{prefix}/cached_dropped_memory_ages"])
+        close("cache rows", torch.stack([m.cache.rows for m in state.ltm]), c[f"{prefix}/cached_dropped_memories"])
+        close("cache keys", torch.stack([m.cache.keys for m in state.ltm]), c[f"{prefix}/cached_dropped_keys"])
+        exact(f"{prefix} cache ages", torch.stack([m.cache.ages for m in state.ltm]),
+              c[f"{prefix}/cached_dropped_memory_ages"])
     else:
-        assert all(x.shape[0] == 0 for x in state.cache_rows)
+        assert all(len(m.cache) == 0 for m in state.ltm)
 
 
 def test_rope_frequencies(model, fx):
@@ -79,9 +80,8 @@ def test_initial_forward_and_state(model, fx):
 def test_small_ltm_cyclic_fill(model, fx):
     _, f = fx
     state = model.initial_state()
-    for l in range(state.num_layers):  # every LTM truncated to 12 rows, as recorded
-        for field in ("ltm", "ltm_keys", "ltm_ages", "ltm_rf"):
-            getattr(state, field)[l] = getattr(state, field)[l][:12]
+    for m in state.ltm:  # every LTM truncated to 12 rows, as recorded
+        m.rows, m.keys, m.ages, m.rf = m.rows[:12], m.keys[:12], m.ages[:12], m.rf[:12]
     check_forward(model, state, f["a2_forward_small_ltm_cyclic"], "a2", "cyclic forward")
 
 
@@ -181,16 +181,16 @@ def test_bf16_load_rounds_ltm_ages_and_recall_frequencies_as_the_official_loader
 
     model = MPlus.from_pretrained(folder, dtype=torch.bfloat16)
     state = model.initial_state()
-    exact("bf16 ages", state.ltm_ages[0], torch.tensor([1024 + 8 * (i // 2) for i in range(20)]))
-    exact("bf16 rf", state.ltm_rf[0], torch.full((20,), 3.296875))
-    assert state.ltm_rf[0].dtype == torch.float64 and state.ltm_ages[0].dtype == torch.int64
+    exact("bf16 ages", state.ltm[0].ages, torch.tensor([1024 + 8 * (i // 2) for i in range(20)]))
+    exact("bf16 rf", state.ltm[0].rf, torch.full((20,), 3.296875))
+    assert state.ltm[0].rf.dtype == torch.float64 and state.ltm[0].ages.dtype == torch.int64
 
     as_stored = state.copy()
-    as_stored.ltm_ages[0] = exact_ages.long()
+    as_stored.ltm[0].ages = exact_ages.long()
     ids, rounded, stored = torch.arange(3, 12), [], []
     logits_rounded, logits_stored = model(state, ids, record=rounded), model(as_stored, ids, record=stored)
-    assert set(rounded[0]["index"].tolist()) == set(stored[0]["index"].tolist())  # the same rows...
-    assert not torch.equal(rounded[0]["index"], stored[0]["index"])  # ...fed in another order
+    assert set(rounded[0]["retrieved"].index.tolist()) == set(stored[0]["retrieved"].index.tolist())  # the same rows...
+    assert not torch.equal(rounded[0]["retrieved"].index, stored[0]["retrieved"].index)  # ...fed in another order
     assert not torch.equal(logits_rounded, logits_stored)
 
 

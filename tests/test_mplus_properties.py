@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import OFFICIAL_TINY
-from mplus.memory.ltm import cyclic_candidates, draw_drop, merge, oldest_first, write_block
+from mplus.memory.ltm import cyclic_candidates, merge, order_by_age
+from mplus.memory.stm import draw_drop, write_block
 from mplus.memory.config import MemoryConfig
 from mplus.memory.mplus import MIN_CHUNK, MPlus
 from mplus.memory.retriever import relevance
@@ -173,9 +174,9 @@ def test_cyclic_candidates(n, k0):
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.integers(0, 5), max_size=40))
-def test_oldest_first(ages_list):
+def test_order_by_age(ages_list):
     ages = torch.tensor(ages_list, dtype=torch.long)
-    order = oldest_first(ages)
+    order = order_by_age(ages)
     assert sorted(order.tolist()) == list(range(len(ages_list)))
     ordered = ages[order].tolist()
     for i in range(len(ordered) - 1):
@@ -222,13 +223,13 @@ class Shadow:
 
     def __init__(self, model: MPlus, state):
         self.model, self.mem = model, model.memory_config
-        self.ltm = [x.clone() for x in state.ltm]
-        self.keys = [x.clone() for x in state.ltm_keys]
-        self.ages = [x.tolist() for x in state.ltm_ages]
-        self.rf = [x.tolist() for x in state.ltm_rf]
-        self.c_rows = [x.clone() for x in state.cache_rows]
-        self.c_keys = [x.clone() for x in state.cache_keys]
-        self.c_ages = [x.tolist() for x in state.cache_ages]
+        self.ltm = [m.rows.clone() for m in state.ltm]
+        self.keys = [m.keys.clone() for m in state.ltm]
+        self.ages = [m.ages.tolist() for m in state.ltm]
+        self.rf = [m.rf.tolist() for m in state.ltm]
+        self.c_rows = [m.cache.rows.clone() for m in state.ltm]
+        self.c_keys = [m.cache.keys.clone() for m in state.ltm]
+        self.c_ages = [m.cache.ages.tolist() for m in state.ltm]
         self.step = state.update_step
         self.evicted = [False] * len(self.ltm)
 
@@ -261,16 +262,16 @@ class Shadow:
 
     def compare(self, state):
         assert state.update_step == self.step
-        for l in range(len(self.ltm)):
-            assert torch.equal(state.ltm[l], self.ltm[l]), f"layer {l}: LTM rows"
-            assert state.ltm_ages[l].tolist() == self.ages[l], f"layer {l}: LTM ages"
-            torch.testing.assert_close(state.ltm_rf[l], torch.tensor(self.rf[l], dtype=torch.float64), rtol=0, atol=1e-9)
-            torch.testing.assert_close(state.ltm_keys[l], self.keys[l], rtol=1e-5, atol=1e-5)
-            assert torch.equal(state.cache_rows[l], self.c_rows[l]), f"layer {l}: cached rows"
-            assert state.cache_ages[l].tolist() == self.c_ages[l], f"layer {l}: cached ages"
-            torch.testing.assert_close(state.cache_keys[l], self.c_keys[l], rtol=1e-5, atol=1e-5)
+        for l, m in enumerate(state.ltm):
+            assert torch.equal(m.rows, self.ltm[l]), f"layer {l}: LTM rows"
+            assert m.ages.tolist() == self.ages[l], f"layer {l}: LTM ages"
+            torch.testing.assert_close(m.rf, torch.tensor(self.rf[l], dtype=torch.float64), rtol=0, atol=1e-9)
+            torch.testing.assert_close(m.keys, self.keys[l], rtol=1e-5, atol=1e-5)
+            assert torch.equal(m.cache.rows, self.c_rows[l]), f"layer {l}: cached rows"
+            assert m.cache.ages.tolist() == self.c_ages[l], f"layer {l}: cached ages"
+            torch.testing.assert_close(m.cache.keys, self.c_keys[l], rtol=1e-5, atol=1e-5)
             if self.evicted[l]:  # an eviction never leaves K0 rows or fewer
-                assert state.ltm[l].shape[0] >= self.mem.ltm_retrieved + 1
+                assert len(m) >= self.mem.ltm_retrieved + 1
 
 
 def check_retrieval(model: MPlus, state, g: torch.Generator, n_queries: int):
@@ -279,22 +280,26 @@ def check_retrieval(model: MPlus, state, g: torch.Generator, n_queries: int):
     for l in range(state.num_layers):
         x = torch.randn(n_queries, d, generator=g)
         with torch.no_grad():
-            source, index = model.retrieve(state, l, x)
-        n_ltm = state.ltm[l].shape[0]
+            got = model.retrieve(state, l, x)
+        source, index, m = got.source, got.index, state.ltm[l]
+        n_ltm = len(m)
         assert source.shape == index.shape
         assert set(source.tolist()) <= {0, 1}
-        ages = torch.stack([(state.ltm_ages[l] if s == 0 else state.cache_ages[l])[i]
+        ages = torch.stack([(m.ages if s == 0 else m.cache.ages)[i]
                             for s, i in zip(source.tolist(), index.tolist())]) if source.numel() else torch.zeros(0)
+        assert torch.equal(got.ages, ages)
+        assert torch.equal(got.rows, torch.stack([(m.rows if s == 0 else m.cache.rows)[i] for s, i in
+                                                  zip(source.tolist(), index.tolist())]) if source.numel() else got.rows)
         assert (ages[:-1] >= ages[1:]).all(), "retrieved rows are not oldest first"
         if n_ltm >= k0:
             assert source.shape == (k0,)
             flat = index + source * n_ltm  # position in [LTM ; cache]
             assert flat.unique().numel() == k0  # no row twice
-            assert (index < torch.tensor([n_ltm, state.cache_rows[l].shape[0]])[source]).all()
+            assert (index < torch.tensor([n_ltm, len(m.cache)])[source]).all()
             layer = model.model.layers[l]
             with torch.no_grad():
                 scores = relevance(layer.self_attn.query_proj(layer.input_layernorm(x)),
-                                   torch.cat((state.ltm_keys[l], state.cache_keys[l])))
+                                   torch.cat((m.keys, m.cache.keys)))
             chosen = torch.zeros_like(scores, dtype=torch.bool)
             chosen[flat] = True
             if (~chosen).any():
@@ -333,8 +338,8 @@ def test_small_ltm_uses_the_cyclic_fill(official, chunks, seed, ltm_rows):
     state = official.initial_state(seed)
     for chunk in chunks[:1]:
         official.inject(state, chunk)  # leaves rows in the cache, which the cyclic fill ignores
-    for field in ("ltm", "ltm_keys", "ltm_ages", "ltm_rf"):
-        setattr(state, field, [x[:ltm_rows] for x in getattr(state, field)])
+    for m in state.ltm:
+        m.rows, m.keys, m.ages, m.rf = m.rows[:ltm_rows], m.keys[:ltm_rows], m.ages[:ltm_rows], m.rf[:ltm_rows]
     with time_limit(20):
         check_retrieval(official, state, torch.Generator().manual_seed(seed), n_queries=5)
         logits = official(state, chunks[0][:8])
@@ -343,8 +348,8 @@ def test_small_ltm_uses_the_cyclic_fill(official, chunks, seed, ltm_rows):
 
 def snapshot(state):
     fields = [state.stm, state.stm_ages]
-    for name in ("ltm", "ltm_keys", "ltm_ages", "ltm_rf", "cache_rows", "cache_keys", "cache_ages"):
-        fields += [x.clone() for x in getattr(state, name) or []]
+    for l, m in enumerate(state.ltm or []):
+        fields += list(m.tensors(l).values())
     return [x.clone() for x in fields], state.update_step, state.generator.get_state()
 
 
@@ -378,7 +383,7 @@ def run_memoryllm(model: MPlus, state, chunks) -> list[list[torch.Tensor]]:
         old_stm, old_ages = state.stm.clone(), state.stm_ages.clone()
         delta = model.inject(state, chunk)
         drops.append(observe_update(model, old_stm, old_ages, state, delta))
-        assert state.ltm is None and state.cache_rows is None and state.ltm_keys is None and state.cache_ages is None
+        assert state.ltm is None
         assert state.stm.shape == (model.config.num_hidden_layers, model.memory_config.stm_size, model.config.hidden_size)
         assert not state.has_ltm
     return drops
@@ -392,14 +397,14 @@ small_chunks = st.lists(st.lists(st.integers(3, 96), min_size=16, max_size=40), 
 def test_memoryllm_mode_of_an_mplus_model(tiny_mplus, chunks, seed):
     state = tiny_mplus.initial_state(seed).without_ltm()
     run_memoryllm(tiny_mplus, state, chunks)
-    source, index = tiny_mplus.retrieve(state, 0, torch.randn(3, tiny_mplus.config.hidden_size))
-    assert source.numel() == 0 and index.numel() == 0
+    got = tiny_mplus.retrieve(state, 0, torch.randn(3, tiny_mplus.config.hidden_size))
+    assert len(got) == 0 and got.rows.shape == (0, tiny_mplus.config.hidden_size)
     assert torch.isfinite(tiny_mplus(state, chunks[0][:5])).all()
 
 
 def test_memoryllm_from_llama_state_has_no_ltm(tiny_memoryllm):
     state = tiny_memoryllm.initial_state()
-    assert not state.has_ltm and state.cache_rows is None
+    assert not state.has_ltm and state.ltm is None
     assert torch.isfinite(tiny_memoryllm(state, [5, 6, 7])).all()
 
 
@@ -427,11 +432,11 @@ def test_stm_kv_cache_is_reused_and_invalidated(official, chunk, prompt, seed):
     state = official.initial_state(seed)
     assert state.stm_kv is None
     first = official(state, prompt)
-    assert state.stm_kv is not None and all(kv is not None for kv in state.stm_kv)
-    cached = [kv[0] for kv in state.stm_kv]
+    assert state.stm_kv is not None and all(kv is not None for kv in state.stm_kv.kv)
+    cached = [kv[0] for kv in state.stm_kv.kv]
     second = official(state, prompt)
     assert torch.equal(first, second)
-    assert all(kv[0] is k for kv, k in zip(state.stm_kv, cached)), "the cached keys/values were recomputed"
+    assert all(kv[0] is k for kv, k in zip(state.stm_kv.kv, cached)), "the cached keys/values were recomputed"
     official.inject(state, chunk)
     assert state.stm_kv is None
     after = official(state, prompt)
@@ -439,6 +444,47 @@ def test_stm_kv_cache_is_reused_and_invalidated(official, chunk, prompt, seed):
     assert fresh.stm_kv is None
     torch.testing.assert_close(after, official(fresh, prompt), rtol=0, atol=0)
     assert not torch.equal(after, first)  # the memory did change
+
+
+def test_stm_kv_cache_belongs_to_the_model_that_computed_it(official):
+    """Two models of the same shape with different read adapters read one state: each gets the logits it gets on
+    a fresh copy (exactly), whoever read the state before; so does a model whose weights changed in place."""
+    other = MPlus.from_pretrained(CHECKPOINT)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if ".lora_B.decoder_adapter." in name:  # the read adapter, which computes the [bos; STM] keys/values
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    state, prompt = official.initial_state(0), [5, 6, 7, 8]
+    want_official, want_other = official(state.copy(), prompt), other(state.copy(), prompt)
+    assert not torch.allclose(want_official, want_other, atol=1e-3)  # the weights matter
+    assert torch.equal(official(state, prompt), want_official)  # fills the cache
+    assert torch.equal(other(state, prompt), want_other), "another model reused the cached keys/values"
+    assert torch.equal(official(state, prompt), want_official)
+    assert torch.equal(other(state, prompt), want_other)  # the cache is other's now
+    with torch.no_grad():
+        other.bos_embedding.add_(0.5)  # an in-place change, as an optimiser step makes
+    assert torch.equal(other(state, prompt), other(state.copy(), prompt)), "stale keys/values after a weight change"
+    other.requires_grad_(True)
+    before = state.stm_kv
+    other.read_logits(state, prompt).sum().backward()  # gradients on: computed afresh, not cached
+    assert state.stm_kv is before and other.bos_embedding.grad is not None and other.bos_embedding.grad.abs().sum() > 0
+
+
+def test_text_instead_of_token_ids_says_to_encode_it(tiny_mplus):
+    state = tiny_mplus.initial_state()
+    for call in (lambda: tiny_mplus.inject(state, "some text"), lambda: tiny_mplus.generate(state, "some text"),
+                 lambda: tiny_mplus(state, "some text")):
+        with pytest.raises(TypeError, match="encode the text with the model's tokenizer"):
+            call()
+
+
+def test_state_repr_is_one_line(official, tiny_memoryllm):
+    state = official.initial_state(0)
+    official.inject(state, list(range(20, 40)))  # K = 8 rows dropped into each layer's cache
+    text = repr(state)  # the checkpoint stores 20 LTM rows per layer; totals are over the 3 layers
+    assert text == "MemoryState(M+, 3 layers, STM 32 rows x d=64, LTM 60 rows + 24 cached, update_step 8)", text
+    assert repr(tiny_memoryllm.initial_state()) == "MemoryState(MemoryLLM, 2 layers, STM 16 rows x d=48, update_step 0)"
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -506,26 +552,25 @@ def test_generation(official, prompt, chunks, seed):
     assert same_snapshot(snapshot(state), before), "generation changed the memory"
     check_greedy_against_forward(official, state.without_ltm(), prompt, 4)
     small = state.copy()
-    for field in ("ltm", "ltm_keys", "ltm_ages", "ltm_rf"):
-        setattr(small, field, [x[:12] for x in getattr(small, field)])
+    for m in small.ltm:
+        m.rows, m.keys, m.ages, m.rf = m.rows[:12], m.keys[:12], m.ages[:12], m.rf[:12]
     check_greedy_against_forward(official, small, prompt, 4)
 
 
 def test_empty_ltm_does_not_hang(tiny_mplus):
     state = tiny_mplus.initial_state(3)
-    assert all(x.shape[0] == 0 for x in state.ltm)
+    assert all(len(m) == 0 for m in state.ltm)
     d = tiny_mplus.config.hidden_size
     with time_limit(30):
         for step in range(2):  # before any update, then with rows in the cache but none in the LTM
             for l in range(state.num_layers):
-                source, index = tiny_mplus.retrieve(state, l, torch.randn(4, d))
-                assert source.numel() == 0 and index.numel() == 0
+                assert len(tiny_mplus.retrieve(state, l, torch.randn(4, d))) == 0
             assert torch.isfinite(tiny_mplus(state, [5, 6, 7])).all()
             check_greedy_against_forward(tiny_mplus, state, [5, 6, 7], 4)
             tiny_mplus.inject(state, list(range(10, 30)))
     # the first merge brought 2K = 8 = K0 rows: not more than K0 survive, so nothing expires and the decay is undone
-    assert state.update_step == 0 and all(x.shape[0] == 8 for x in state.ltm)
-    assert all((rf == 2.0).all() for rf in state.ltm_rf)
+    assert state.update_step == 0 and all(len(m) == 8 for m in state.ltm)
+    assert all((m.rf == 2.0).all() for m in state.ltm)
 
 
 # ----------------------------------------------------------------------------------------------- bench

@@ -72,5 +72,5 @@ def test_ltm_rows_expire_after_the_lifetime_the_benchmark_states():
     for _ in range(300):
         model.inject(state, tokenizer.encode(distractor_chunk(rng, 8)).ids, allow_short=True)
     for l in range(state.num_layers):
-        oldest = int(state.ltm_ages[l].max())
+        oldest = int(state.ltm[l].ages.max())
         assert k * (life - every) <= oldest < k * (life + every)

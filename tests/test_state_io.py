@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mplus.memory.state_file as state_io
+from mplus.memory.ltm import DroppedRows, LayerLTM
 from mplus.memory.state import MemoryState
 from mplus.memory.state_file import StateError, describe_state, save_state
 
@@ -29,20 +30,18 @@ def make_state(kind: str = "mplus", dtype: torch.dtype = torch.float32, seed: in
     torch.randperm(10, generator=g)  # a generator that has moved on from its seed
     rows = lambda n, width: torch.randn(n, width).to(dtype)  # noqa: E731
     ages = lambda n: torch.randint(0, 3000, (n,), dtype=torch.int64)  # noqa: E731
-    state = MemoryState(
-        stm=torch.randn(L, N, D).to(dtype), stm_ages=torch.randint(0, 256, (L, N), dtype=torch.int64),
-        ltm=[rows(s, D) for s in LTM_SIZES], ltm_keys=[rows(s, D_S) for s in LTM_SIZES],
-        ltm_ages=[ages(s) for s in LTM_SIZES], ltm_rf=[torch.rand(s, dtype=torch.float64) * 10 for s in LTM_SIZES],
-        cache_rows=[rows(c, D) for c in CACHE_SIZES], cache_keys=[rows(c, D_S) for c in CACHE_SIZES],
-        cache_ages=[ages(c) for c in CACHE_SIZES], update_step=STEP, generator=g)
+    stm, stm_ages = torch.randn(L, N, D).to(dtype), torch.randint(0, 256, (L, N), dtype=torch.int64)
+    ltm = [(rows(s, D), rows(s, D_S), ages(s), torch.rand(s, dtype=torch.float64) * 10) for s in LTM_SIZES]
+    cache = [DroppedRows(rows(c, D), rows(c, D_S), ages(c)) for c in CACHE_SIZES]
+    state = MemoryState(stm=stm, stm_ages=stm_ages, ltm=[LayerLTM(*m, c) for m, c in zip(ltm, cache)],
+                        update_step=STEP, generator=g)
     return state if kind == "mplus" else state.without_ltm()
 
 
 def all_tensors(state: MemoryState) -> dict[str, torch.Tensor]:
     out = {"stm": state.stm, "stm_ages": state.stm_ages}
-    for f in state_io.PER_LAYER:
-        for l, t in enumerate(getattr(state, f) or []):
-            out[f"{f}.{l}"] = t
+    for l, m in enumerate(state.ltm or []):
+        out |= m.tensors(l)
     return out
 
 
@@ -81,17 +80,17 @@ def rewrite(path, edit_meta=None, edit_tensors=None, rehash=False) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_round_trip_is_exact(tmp_path, kind, dtype):
     state = make_state(kind, dtype)
-    state.stm_kv = [(torch.zeros(1), torch.zeros(1))]  # derived: must not be saved
+    state.stm_kv = types.SimpleNamespace(kv=[(torch.zeros(1), torch.zeros(1))])  # derived: must not be saved
     state.save(tmp_path / "s.safetensors")
     loaded = MemoryState.load(tmp_path / "s.safetensors")
     assert_same(state, loaded)
     assert loaded.stm_kv is None
     assert loaded.stm_ages.dtype == torch.int64
     if kind == "mplus":
-        assert [t.shape for t in loaded.ltm] == [(s, D) for s in LTM_SIZES]
-        assert [t.shape for t in loaded.ltm_keys] == [(s, D_S) for s in LTM_SIZES]
-        assert [t.shape for t in loaded.cache_keys] == [(c, D_S) for c in CACHE_SIZES]
-        assert all(t.dtype == torch.float64 for t in loaded.ltm_rf)
+        assert [m.rows.shape for m in loaded.ltm] == [(s, D) for s in LTM_SIZES]
+        assert [m.keys.shape for m in loaded.ltm] == [(s, D_S) for s in LTM_SIZES]
+        assert [m.cache.keys.shape for m in loaded.ltm] == [(c, D_S) for c in CACHE_SIZES]
+        assert all(m.rf.dtype == torch.float64 for m in loaded.ltm)
     # The generator resumes where the original is: the next STM drops are the same.
     assert torch.equal(torch.randperm(32, generator=loaded.generator), torch.randperm(32, generator=state.generator))
 
@@ -99,10 +98,11 @@ def test_round_trip_is_exact(tmp_path, kind, dtype):
 def test_tensors_that_share_memory(tmp_path):
     """One tensor listed for every layer (as a fresh model state does), and views into a larger tensor."""
     state = make_state()
-    state.ltm_rf = [torch.full((s,), 10.0, dtype=torch.float64) for s in LTM_SIZES]
-    same = torch.randn(4, D)
-    state.cache_rows, state.cache_keys = [same] * L, [torch.randn(4, D_S)] * L
-    state.cache_ages = list(torch.arange(3 * L * 4).view(3, L, 4)[1])  # rows of the middle of a bigger tensor
+    rf = torch.full((max(LTM_SIZES),), 10.0, dtype=torch.float64)
+    same, keys, ages = torch.randn(4, D), torch.randn(4, D_S), torch.arange(3 * L * 4).view(3, L, 4)[1]
+    for l, m in enumerate(state.ltm):
+        m.rf = rf[:len(m)]  # views of one tensor
+        m.cache = DroppedRows(same, keys, ages[l])  # one tensor for every layer; rows of the middle of a bigger one
     state.update_step = 4  # the 4 cached rows
     state.save(tmp_path / "s.safetensors")
     assert_same(state, MemoryState.load(tmp_path / "s.safetensors"))
@@ -136,12 +136,12 @@ def test_write_is_atomic(tmp_path, monkeypatch):
 
 def test_save_rejects_a_malformed_state(tmp_path):
     state = make_state()
-    state.ltm_ages[0] = state.ltm_ages[0].double()
+    state.ltm[0].ages = state.ltm[0].ages.double()
     with pytest.raises(StateError, match=r"cannot save .*ltm_ages\.0 has dtype torch.float64"):
         save_state(state, tmp_path / "s.safetensors")
     state = make_state()
-    state.cache_rows = None  # half an LTM
-    with pytest.raises(StateError, match="only partly set"):
+    state.ltm[1] = None  # a layer without its record
+    with pytest.raises(StateError, match="not one LayerLTM per layer"):
         save_state(state, tmp_path / "s.safetensors")
     assert not (tmp_path / "s.safetensors").exists()
 
@@ -261,10 +261,10 @@ def test_memoryllm_state_for_an_mplus_model(tmp_path):
 def test_expect_converts_the_dtype(saved):
     state, path, _ = saved
     loaded = MemoryState.load(path, {"dtype": torch.bfloat16})
-    for t in [loaded.stm, *loaded.ltm, *loaded.ltm_keys, *loaded.cache_rows, *loaded.cache_keys]:
+    for t in [loaded.stm, *(t for m in loaded.ltm for t in (m.rows, m.keys, m.cache.rows, m.cache.keys))]:
         assert t.dtype == torch.bfloat16
     assert torch.equal(loaded.stm, state.stm.bfloat16())
-    assert all(t.dtype == torch.float64 for t in loaded.ltm_rf) and loaded.stm_ages.dtype == torch.int64
+    assert all(m.rf.dtype == torch.float64 for m in loaded.ltm) and loaded.stm_ages.dtype == torch.int64
 
 
 def test_expect_as_an_object_and_typos(saved):

@@ -6,7 +6,7 @@ import torch
 from conftest import OFFICIAL_TINY
 from mplus import MPlus
 from mplus.memory.lora import READ
-from mplus.train.memory import Placement, full_memory_prefix, read_logits, stage1_loss, trainable_parameters
+from mplus.train.memory import Placement, full_memory_prefix, stage1_loss, trainable_parameters
 
 
 @pytest.fixture
@@ -14,7 +14,7 @@ def model():
     return MPlus.from_pretrained(OFFICIAL_TINY / "checkpoint")
 
 
-def test_read_logits_reproduce_a_memoryllm_forward(model):
+def test_logits_with_rows_reproduce_a_memoryllm_forward(model):
     """Reading [bos, all STM rows] at the generation positions is what forward does without an LTM."""
     state = model.initial_state().without_ltm()
     ids = torch.arange(3, 12)
@@ -22,7 +22,7 @@ def test_read_logits_reproduce_a_memoryllm_forward(model):
     rows = [torch.cat((model.bos_embedding[l], state.stm[l])) for l in range(state.num_layers)]
     positions = torch.cat((torch.zeros(1, dtype=torch.long), torch.arange(1 + k0, 1 + k0 + n)))
     with torch.no_grad():
-        got = read_logits(model, rows, positions, ids, model.memory_config.virtual_prefix + torch.arange(9), READ)
+        got = model.logits_with_rows(ids, model.memory_config.virtual_prefix + torch.arange(9), rows, positions, READ)
     assert (got - model(state, ids)).abs().max() <= 1e-5
 
 

@@ -72,7 +72,7 @@ def test_stages_2_and_3_run_deterministically_and_resume(runs):
     name = "model.layers.0.self_attn.query_proj.0.weight"
     assert not torch.equal(a.state_dict()[name], s2_model.state_dict()[name])
     state = a.initial_state()
-    assert state.has_ltm and all(x.shape[0] == 0 for x in state.ltm)  # shipped with an empty LTM...
+    assert state.has_ltm and all(len(m) == 0 for m in state.ltm)  # shipped with an empty LTM...
     assert torch.equal(state.stm, s2_model.initial_state().stm)  # ...and the STM it started from, not the training one
 
 
@@ -84,7 +84,7 @@ def test_stage_3_ships_a_primed_memory(runs):
     model = MPlus.from_pretrained(folder / "primed")
     state, start = model.initial_state(), MPlus.from_pretrained(folder / "s2").initial_state()
     k0 = model.memory_config.ltm_retrieved
-    assert all(rows.shape[0] >= k0 for rows in state.ltm)  # retrieval scores the LTM from the first question
+    assert all(len(m) >= k0 for m in state.ltm)  # retrieval scores the LTM from the first question
     assert not torch.equal(state.stm, start.stm)  # filler written over the STM it started from
 
 
@@ -127,9 +127,7 @@ def test_retriever_loss_is_the_balanced_bce():
 
     from mplus.train.recall import retriever_loss
     # one layer whose projectors are identities: weights = sigmoid(q . k) averaged over the query tokens
-    layer = SimpleNamespace(self_attn=SimpleNamespace(query_proj=lambda x: x, key_proj=lambda x: x),
-                            input_layernorm=lambda x: x)
-    model = SimpleNamespace(model=SimpleNamespace(layers=[layer]))
+    model = SimpleNamespace(memory_queries=lambda l, x: x, memory_keys=lambda l, x: x)
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     stm = torch.tensor([[[2.0, 0.0], [0.0, -3.0], [1.0, 1.0]]])
     labels = torch.tensor([[True, False, False]])

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mplus.train.resume as ts
+from mplus.memory.ltm import DroppedRows, LayerLTM
 from mplus.memory.state import MemoryState
 from mplus.train.resume import Run, TrainStateError, resume, save
 
@@ -31,11 +32,12 @@ def make_memory(seed: int, n: int = N) -> MemoryState:
     ages = lambda s: torch.randint(0, 99, (s,), generator=g)  # noqa: E731
     drops = torch.Generator().manual_seed(seed + 1)
     torch.rand(3, generator=drops)  # a generator that has moved on from its seed
-    return MemoryState(stm=rows(L, n, D), stm_ages=torch.randint(0, 99, (L, n), generator=g),
-                       ltm=[rows(s, D) for s in LTM_SIZES], ltm_keys=[rows(s, D_S) for s in LTM_SIZES],
-                       ltm_ages=[ages(s) for s in LTM_SIZES], ltm_rf=[rows(s).double() for s in LTM_SIZES],
-                       cache_rows=[rows(c, D) for c in CACHE_SIZES], cache_keys=[rows(c, D_S) for c in CACHE_SIZES],
-                       cache_ages=[ages(c) for c in CACHE_SIZES], update_step=4, generator=drops)
+    stm, stm_ages = rows(L, n, D), torch.randint(0, 99, (L, n), generator=g)
+    fields = [[rows(s, D) for s in LTM_SIZES], [rows(s, D_S) for s in LTM_SIZES], [ages(s) for s in LTM_SIZES],
+              [rows(s).double() for s in LTM_SIZES], [rows(c, D) for c in CACHE_SIZES],
+              [rows(c, D_S) for c in CACHE_SIZES], [ages(c) for c in CACHE_SIZES]]
+    ltm = [LayerLTM(*f[:4], DroppedRows(*f[4:])) for f in zip(*fields)]
+    return MemoryState(stm=stm, stm_ages=stm_ages, ltm=ltm, update_step=4, generator=drops)
 
 
 def make_run(seed: int, width: int = D, n: int = N, memory: bool = True) -> Run:
@@ -63,7 +65,8 @@ def snapshot(run: Run) -> dict:
     out["rng"] = run.rng.getstate()
     m = run.memory
     out |= {"stm": m.stm, "stm_ages": m.stm_ages, "update_step": m.update_step, "drops": m.generator.get_state()}
-    out |= {f"{f}.{l}": x for f in ts.PER_LAYER for l, x in enumerate(getattr(m, f))}
+    for l, layer in enumerate(m.ltm):
+        out |= layer.tensors(l)
     return out
 
 

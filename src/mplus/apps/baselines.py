@@ -39,9 +39,8 @@ def grown_stm(state: MemoryState, extra: int) -> torch.Tensor:
     """[L, extra + N, d]: per layer the `extra` youngest rows of the LTM and dropped-row cache (oldest of them
     first, as the STM keeps insertion order), then the STM [L, N, d]."""
     rows = []
-    for l in range(state.num_layers):
-        pool = torch.cat((state.ltm[l], state.cache_rows[l]))  # [S + c, d]
-        ages = torch.cat((state.ltm_ages[l], state.cache_ages[l]))  # [S + c]
+    for l, ltm in enumerate(state.ltm):
+        pool, ages = ltm.pool("rows"), ltm.pool("ages")  # [S + c, d], [S + c]
         if pool.shape[0] < extra:
             raise ValueError(f"layer {l} of this M+ memory holds {pool.shape[0]} long-term rows, fewer than the "
                              f"{extra} needed to grow a MemoryLLM of the same size; inject more chunks first")
@@ -78,15 +77,12 @@ def in_context_reply(model: MPlus, ids: list[int], max_new_tokens: int = 16) -> 
         raise ValueError(f"a prompt of {len(ids)} tokens and {max_new_tokens} new ones exceed the model's "
                          f"{model.config.max_position_embeddings} positions; shorten the context")
     cache = KVCache(model.config, len(ids) + max_new_tokens, dtype=model.dtype)
-    last = len(model.model.layers) - 1
 
     def forward(tokens: list[int]) -> torch.Tensor:
         positions = torch.arange(cache.length, cache.length + len(tokens))  # [T]
         cos, sin = rope_cos_sin(model.inv_freq, positions)
-        x = model.model.embed_tokens(torch.tensor(tokens))[None]  # [1, T, d]
-        for l, layer in enumerate(model.model.layers):
-            x = layer(x, cos, sin, cache=cache, layer=l, last_only=l == last, adapter=READ)
-        cache.advance(len(tokens))
+        x = model.model.run_layers(model.model.embed_tokens(torch.tensor(tokens))[None], cos, sin, cache=cache,
+                                   adapter=READ, last_only=True)  # [1, 1, d]
         return model.lm_head(model.model.norm(x)).float()[0, -1]  # [V]
 
     return collect(decode_loop(lambda: forward(ids), lambda token: forward([token]), max_new_tokens=max_new_tokens,

@@ -22,6 +22,7 @@ from mplus.apps import cli_args as arg
 from mplus.llama.config import LlamaConfig, RopeScaling
 from mplus.memory.config import MemoryConfig
 from mplus.llama.model import Llama
+from mplus.memory.ltm import LayerLTM
 from mplus.memory.retriever import select
 
 
@@ -50,13 +51,11 @@ def build_mplus(args: argparse.Namespace):
         model = MPlus.from_llama(tmp, memory, seed=args.seed)
     state = model.initial_state(args.seed)
     g = torch.Generator().manual_seed(args.seed + 1)
+    ages = torch.arange(args.ltm_rows, 0, -1, dtype=torch.long) * args.k  # [S], oldest first
+    rf = torch.full((args.ltm_rows,), memory.initial_rf_when_moving_stm_to_ltm, dtype=torch.float64)  # [S]
+    rows = [torch.randn(args.ltm_rows, args.hidden, generator=g) for _ in state.ltm]  # [S, d] per layer
     with torch.no_grad():
-        for l, layer in enumerate(model.model.layers):
-            rows = torch.randn(args.ltm_rows, args.hidden, generator=g)  # [S, d]
-            state.ltm[l] = rows
-            state.ltm_keys[l] = layer.self_attn.key_proj(layer.input_layernorm(rows))  # [S, d_s]
-            state.ltm_ages[l] = torch.arange(args.ltm_rows, 0, -1, dtype=torch.long) * args.k  # oldest first
-            state.ltm_rf[l] = torch.full((args.ltm_rows,), memory.initial_rf_when_moving_stm_to_ltm, dtype=torch.float64)
+        state.ltm = [LayerLTM(r, model.memory_keys(l, r), ages, rf, m.cache) for l, (r, m) in enumerate(zip(rows, state.ltm))]
     return model, state
 
 
@@ -115,16 +114,15 @@ def bench_retrieval(args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(args.seed + 3)
     d_s = args.selector_dim
     queries = torch.randn(args.queries, d_s, generator=g) / d_s ** 0.5  # [T, d_s]
-    empty_keys, empty_ages = torch.zeros(0, d_s), torch.zeros(0, dtype=torch.long)
     for size in args.sizes:
         keys = torch.randn(size, d_s, generator=g)  # [S, d_s]
         ages = torch.randint(0, 10**6, (size,), generator=g)  # [S]
         with torch.inference_mode():
-            select(queries, keys, ages, empty_keys, empty_ages, args.k0)  # warm-up
+            select(queries, keys, ages, size, args.k0)  # warm-up: an LTM of `size` rows, no cached rows
             times = []
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
-                select(queries, keys, ages, empty_keys, empty_ages, args.k0)
+                select(queries, keys, ages, size, args.k0)
                 times.append(time.perf_counter() - t0)
         ms = statistics.median(times) * 1e3
         print(f"   {size:>10}{ms:>12.2f}{ms / size * 1e6:>20.1f}")

@@ -68,11 +68,10 @@ def recall_counts(model: MPlus, tokenizer: Tokenizer, state, prompt: str,
     model.forward(state, tokenizer.encode(prompt), record=record)
     k0, out = model.memory_config.ltm_retrieved, []
     for l, r in enumerate(record):
-        n_ltm = state.ltm[l].shape[0]
-        pool = torch.cat((state.ltm[l], state.cache_rows[l]))  # [S + c, d]
+        pool = state.ltm[l].pool("rows")  # [S + c, d]
         fact = copies_of(pool, block[l])  # [S + c]
-        if n_ltm >= k0 and fact.any():
-            picked = r["index"] + r["source"] * n_ltm  # [K0] pool indices
+        if len(state.ltm[l]) >= k0 and fact.any():
+            picked = r["retrieved"].picks  # [K0] pool indices
             out.append((int(fact[picked].sum()), int(fact.sum()), k0 / pool.shape[0]))
     return out
 

@@ -42,8 +42,8 @@ def rss_mb() -> float:
 
 
 def state_tensors(state: MemoryState) -> list[torch.Tensor]:
-    lists = (state.ltm, state.ltm_keys, state.ltm_rf, state.cache_rows, state.cache_keys) if state.has_ltm else ()
-    return [state.stm, *(t for ts in lists for t in ts)]
+    records = state.ltm if state.has_ltm else ()
+    return [state.stm, *(t for m in records for t in (m.rows, m.keys, m.rf, m.cache.rows, m.cache.keys))]
 
 
 def nonfinite(state: MemoryState) -> int:
@@ -53,7 +53,7 @@ def nonfinite(state: MemoryState) -> int:
 
 def row(n: int, elapsed: float, ms: float, state: MemoryState, bad: int) -> str:
     ltm = sum(len(t) for t in state.ltm) if state.has_ltm else 0
-    cache = sum(len(t) for t in state.cache_rows) if state.has_ltm else 0
+    cache = sum(len(m.cache) for m in state.ltm) if state.has_ltm else 0
     size = sum(t.numel() * t.element_size() for t in state_tensors(state)) / 2**20
     return (f"{n:>10} {elapsed:>9.1f} {ms:>7.2f} {rss_mb():>7.1f} {state.stm.shape[1]:>8} {ltm:>8} {cache:>10} "
             f"{size:>8.2f} {bad:>10}")

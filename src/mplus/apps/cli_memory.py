@@ -111,9 +111,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         model(state, tokenizer.encode(asked), strip_bos=True, record=record)
         print(f"\nretrieval for {args.question!r} (rows in feeding order, oldest first):")
         for l, r in enumerate(record):
-            ages = [int((state.ltm_ages[l] if s == 0 else state.cache_ages[l])[i]) for s, i in
-                    zip(r["source"].tolist(), r["index"].tolist())]
-            picks = [f"{'L' if s == 0 else 'C'}{i}@{a}" for s, i, a in zip(r["source"].tolist(), r["index"].tolist(), ages)]
+            got = r["retrieved"]
+            picks = [f"{'C' if c else 'L'}{i}@{a}" for c, i, a in
+                     zip(got.from_cache.tolist(), got.index.tolist(), got.ages.tolist())]
             print(f"  layer {l:3}: " + (" ".join(picks[:args.show]) + (" ..." if len(picks) > args.show else "")
                                        if picks else "(no long-term memory)"))
         print("  (L = LTM row, C = cached dropped row; @ = age in memory tokens)")

@@ -48,8 +48,7 @@ def story(rng: random.Random, facts: int, filler_words: int) -> list[dict]:
 def where(state, block: torch.Tensor) -> tuple[int, int]:
     """(rows of the block in the STM, rows in the LTM or the dropped-row cache), summed over layers."""
     stm = sum(int(copies_of(state.stm[l], block[l]).sum()) for l in range(state.num_layers))
-    ltm = 0 if not state.has_ltm else sum(int(copies_of(torch.cat((state.ltm[l], state.cache_rows[l])),
-                                                         block[l]).sum()) for l in range(state.num_layers))
+    ltm = 0 if not state.has_ltm else sum(int(copies_of(m.pool("rows"), block[l]).sum()) for l, m in enumerate(state.ltm))
     return stm, ltm
 
 
@@ -80,13 +79,11 @@ def show_retrieval(model: MPlus, tokenizer: Tokenizer, state, prompt: str, block
     record: list[dict] = []
     model.forward(state, tokenizer.encode(prompt), record=record)
     for l, r in enumerate(record):
-        pool = torch.cat((state.ltm[l], state.cache_rows[l]))  # [S + c, d]
-        pool_ages = torch.cat((state.ltm_ages[l], state.cache_ages[l]))
-        picked = r["index"] + r["source"] * state.ltm[l].shape[0]  # [K0] pool rows in feeding order
+        pool = state.ltm[l].pool("rows")  # [S + c, d]
+        picked = r["retrieved"].picks  # [K0] pool rows in feeding order
         fact = copies_of(pool, block[l])
-        mine = picked[fact[picked]]
-        ages = pool_ages[mine].tolist()
-        print(f"    layer {l}: retrieved {len(mine):2d} of this fact's {int(fact.sum()):2d} LTM rows "
+        ages = r["retrieved"].ages[fact[picked]].tolist()
+        print(f"    layer {l}: retrieved {len(ages):2d} of this fact's {int(fact.sum()):2d} LTM rows "
               f"(out of {pool.shape[0]} LTM rows; {model.memory_config.ltm_retrieved} retrieved)"
               + (f", ages {min(ages)}..{max(ages)}" if ages else ""))
 

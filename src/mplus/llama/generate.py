@@ -58,6 +58,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 
 
 def prompt_tensor(prompt_ids) -> torch.Tensor:
+    if isinstance(prompt_ids, (str, bytes)):
+        raise TypeError(f"expected token ids, got {type(prompt_ids).__name__} {str(prompt_ids)[:40]!r}: encode the text "
+                        "with the model's tokenizer first: mplus.Tokenizer.from_file(folder / 'tokenizer.json').encode(text)")
     ids = torch.as_tensor(prompt_ids, dtype=torch.long)
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]

@@ -10,7 +10,7 @@ Notation: B batch, T input positions, P prefix length, L layers, d hidden_size, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,8 @@ from mplus.llama.config import LlamaConfig
 from mplus.llama.kv_cache import KVCache
 from mplus.llama.layers import DecoderLayer, RMSNorm
 from mplus.llama.rope import inv_freq_for, rope_cos_sin
+
+KV = tuple[torch.Tensor, torch.Tensor]  # keys, values [B, H_kv, S, D]
 
 
 class Decoder(nn.Module):
@@ -34,6 +36,37 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                   prefix: Callable[[int, torch.Tensor], KV | None] | None = None,
+                   layer_input: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                   on_output: Callable[[int, torch.Tensor], None] | None = None,
+                   cache: KVCache | None = None, adapter: str | None = None, last_only: bool = False) -> torch.Tensor:
+        """Hidden states x [B, T, d] at cos/sin [T, D] through every layer: [B, T, d] ([B, 1, d] with last_only).
+
+        The one layer loop of the package: Llama, M+ reading, M+ writing, decoding and training all run it.
+        prefix(l, x): layer l's key/value-only prefix (keys, values [B, H_kv, P, D]) or None, given the layer's
+            input x; M+ retrieves with x, so layer l's prefix exists only once layer l - 1 has run.
+        layer_input(l, x): what layer l reads, given the previous layer's output (the M+ write pass puts memory
+            rows before the chunk); by default that output itself.
+        on_output(l, out): sees every layer's output (records; the new memory rows of the write pass).
+        cache: every layer appends its prefix and input keys/values; the cache is advanced past them at the end.
+        adapter: the LoRA adapter of every projection (M+ read or write); None for a plain Llama.
+        last_only: the last layer queries with the last position only (every position still fills the cache).
+        """
+        last, written = len(self.layers) - 1, 0
+        for l, layer in enumerate(self.layers):
+            if layer_input is not None:
+                x = layer_input(l, x)  # [B, T', d]
+            prefix_kv = None if prefix is None else prefix(l, x)  # [B, H_kv, P, D] each, or None
+            written = x.shape[1] + (0 if prefix_kv is None else prefix_kv[0].shape[2])
+            x = layer(x, cos, sin, prefix_kv=prefix_kv, cache=cache, layer=l, adapter=adapter,
+                      last_only=last_only and l == last)  # [B, T', d]; [B, 1, d] after a last_only last layer
+            if on_output is not None:
+                on_output(l, x)
+        if cache is not None:
+            cache.advance(written)
+        return x
 
 
 class Llama(nn.Module):
@@ -112,15 +145,10 @@ class Llama(nn.Module):
                 prefix_positions = torch.arange(start, start + P)  # [P]
             p_cos, p_sin = rope_cos_sin(inv_freq, prefix_positions.to(input_ids.device))  # [P, D] each
 
-        x = self.model.embed_tokens(input_ids)  # [B, T, d]
-        last = len(self.model.layers) - 1
-        for i, layer in enumerate(self.model.layers):
-            prefix_kv = None if prefix is None else layer.prefix_kv(prefix[i], p_cos, p_sin)
-            # With last_only, the last layer's other positions only need their keys/values (for the cache).
-            x = layer(x, cos, sin, prefix_kv=prefix_kv, cache=cache, layer=i,
-                      last_only=last_only and i == last)  # [B, T, d]; [B, 1, d] after a last_only last layer
-        if cache is not None:
-            cache.advance(P + T)
+        layers = self.model.layers
+        x = self.model.run_layers(self.model.embed_tokens(input_ids), cos, sin, cache=cache, last_only=last_only,
+                                  prefix=None if prefix is None else
+                                  lambda l, _: layers[l].prefix_kv(prefix[l], p_cos, p_sin))  # [B, T or 1, d]
         return self.lm_head(self.model.norm(x)).float()  # [B, T or 1, V]
 
     # ----------------------------------------------------------------------------------------- generation

@@ -19,6 +19,7 @@ from mplus.memory.sizes import memory_tensors
 from mplus.llama.config_values import read_json_object
 from mplus.formats.atomic import atomic_write_text
 from mplus.memory.lora import READ, WRITE, LoRALinear
+from mplus.memory.ltm import LayerLTM
 from mplus.memory.config import MemoryConfig
 from mplus.llama.packing import materialize
 from mplus.memory.state import MemoryState, StateError
@@ -47,14 +48,10 @@ def read_config(folder: Path) -> dict:
 
 def new_state(model, stm: torch.Tensor, ltm, keys, ages, rf, seed: int = 0) -> MemoryState:
     """A state with the given STM [L, N, d] and LTM lists (None for MemoryLLM), zero STM ages, an empty cache."""
-    n_layers, d, d_s = stm.shape[0], stm.shape[2], model.memory_config.selector_hidden_dim
-
-    def empty(shape, dtype):
-        return None if ltm is None else [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]
-
-    return MemoryState(stm=stm, stm_ages=torch.zeros(stm.shape[:2], dtype=torch.long), ltm=ltm, ltm_keys=keys,
-                       ltm_ages=ages, ltm_rf=rf, cache_rows=empty((0, d), stm.dtype),
-                       cache_keys=empty((0, d_s), stm.dtype), cache_ages=empty((0,), torch.long),
+    d, d_s = stm.shape[2], model.memory_config.selector_hidden_dim
+    records = None if ltm is None else [LayerLTM(r, k, a, f, LayerLTM.empty(d, d_s, stm.dtype).cache)
+                                        for r, k, a, f in zip(ltm, keys, ages, rf)]
+    return MemoryState(stm=stm, stm_ages=torch.zeros(stm.shape[:2], dtype=torch.long), ltm=records,
                        update_step=0, generator=torch.Generator().manual_seed(seed))
 
 
@@ -159,11 +156,11 @@ def save(model, path: str | Path, state: MemoryState, max_shard_bytes: int | Non
     if not state.has_ltm:  # MemoryLLM's buffer, as the official class saves it
         tensors["initialized"] = torch.tensor(int(state.initialized), dtype=torch.uint8)
     if state.has_ltm:
-        for l in range(state.num_layers):
-            tensors[f"ltm.{l}"], tensors[f"ltm_keys.{l}"] = state.ltm[l], state.ltm_keys[l]
-            tensors[f"ltm_ages.{l}"] = state.ltm_ages[l].float()
-            tensors[f"ltm_recall_frequencies.{l}"] = state.ltm_rf[l].float()
+        for l, m in enumerate(state.ltm):
+            tensors[f"ltm.{l}"], tensors[f"ltm_keys.{l}"] = m.rows, m.keys
+            tensors[f"ltm_ages.{l}"] = m.ages.float()
+            tensors[f"ltm_recall_frequencies.{l}"] = m.rf.float()
     save_tensors(tensors, folder, max_shard_bytes)
     config = {**model.config.to_dict(), **model.memory_config.to_dict(), "architectures": [type(model).__name__],
-              "ltm_initial_size": max((x.shape[0] for x in state.ltm), default=0) if state.has_ltm else 0}
+              "ltm_initial_size": max((len(m) for m in state.ltm), default=0) if state.has_ltm else 0}
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")

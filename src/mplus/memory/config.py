@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from mplus.llama.config import ConfigError
 from mplus.llama.config_values import boolean, integer, number, show, string
-from mplus.memory.ltm import official_drop_count
+from mplus.memory.stm import official_drop_count
 
 LORA_TARGETS = ("q_proj", "v_proj", "k_proj", "up_proj", "down_proj", "gate_proj")
 # Ceilings far above the released models (K 256, 50 blocks, LoRA r 16, d_s 256): past them a config is corrupt.

@@ -20,11 +20,19 @@ import torch
 CACHE_ATTR = "_mplus_weights_fingerprint"  # (key, digest) kept on the model
 
 
+def weights_key(model: torch.nn.Module) -> tuple:
+    """Cheap identity of the model's current weights: each parameter's name, storage, version counter, dtype and
+    device. An optimizer step, a load or an in-place edit changes it; values derived from the weights (this
+    fingerprint, the cached STM keys/values of mplus.memory.prefix) are valid while it stays the same."""
+    # Inference tensors (a model built under torch.inference_mode) keep no version counter: only their storage counts.
+    return tuple((name, p.data_ptr(), None if p.is_inference() else p._version, p.dtype, p.device)
+                 for name, p in model.named_parameters())
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """The sha256 hex digest of the model's parameters (see the module docstring); cached until they change."""
     params = list(model.named_parameters())
-    # Inference tensors (a model built under torch.inference_mode) keep no version counter: only their storage counts.
-    key = tuple((name, p.data_ptr(), None if p.is_inference() else p._version, p.dtype, p.device) for name, p in params)
+    key = weights_key(model)
     cached = getattr(model, CACHE_ATTR, None)
     if cached is not None and cached[0] == key:
         return cached[1]

@@ -1,48 +1,111 @@
-"""Long-term memory bookkeeping: drops, the dropped-row cache, merges with time-to-live, retrieval order.
+"""The long-term memory (LTM) of M+, one record per layer: rows, retriever keys, ages, time-to-live, and the
+dropped-row cache that waits for the next merge (arXiv 2502.00592, section 3.2.1).
 
-Pure functions on one layer's tensors, so that each rule can be read, and tested, on its own.
+Rows that leave the STM go first to the layer's cache (cache_dropped_rows), with their keys; every few updates
+the cache is merged into the LTM (merge_into_ltm), where each row lives until its time-to-live (the official
+"recall frequency") runs out. Retrieval (mplus.memory.retriever) scores the layer's pool [LTM rows; cached rows].
 
-Notation: N STM rows, K rows per update, S LTM rows, c cached rows, d hidden size, d_s key size.
+Notation: S LTM rows, c cached rows, d hidden size, d_s key size, K rows per update, K0 rows retrieved.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-
-def draw_drop(n_rows: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept, dropped) row indices, each sorted: the first N-K and the last K entries of one randperm(N)."""
-    perm = torch.randperm(n_rows, generator=generator)  # [N]
-    return perm[:n_rows - k].sort().values, perm[n_rows - k:].sort().values  # [N-K], [K]
+# The state file's tensor names of one layer's record (docs/memory-files.md), as (name, field of LayerLTM).
+TENSOR_NAMES = (("ltm", "rows"), ("ltm_keys", "keys"), ("ltm_ages", "ages"), ("ltm_rf", "rf"),
+                ("cache_rows", "cache.rows"), ("cache_keys", "cache.keys"), ("cache_ages", "cache.ages"))
 
 
-def official_drop_count(n_rows: int, num_blocks: int) -> int:
-    """The rows the official MemoryLLM drops per update: int(N * (1 / num_blocks)), in floating point.
+@dataclasses.dataclass(repr=False)
+class DroppedRows:
+    """One layer's dropped-row cache: the rows that left the STM since the last merge, with keys and ages."""
 
-    It equals K for the released configs; for some block counts (49 blocks: K - 1) it does not, and the official
-    pool then grows by a row at every update, which a fixed-size state cannot follow.
+    rows: torch.Tensor  # [c, d], model dtype
+    keys: torch.Tensor  # [c, d_s], f_k of the rows, computed once when they were dropped
+    ages: torch.Tensor  # [c] int64
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def __repr__(self) -> str:
+        return f"DroppedRows({len(self)} rows)"
+
+    def copy(self) -> "DroppedRows":
+        return DroppedRows(self.rows.clone(), self.keys.clone(), self.ages.clone())
+
+    def cleared(self) -> "DroppedRows":
+        return DroppedRows(self.rows[:0], self.keys[:0], self.ages[:0])
+
+
+@dataclasses.dataclass(repr=False)
+class LayerLTM:
+    """One layer's long-term memory and its dropped-row cache.
+
+    Ages are integers in memory-token units (one update adds K). The time-to-live is float64 because the
+    official merge decrements it and compares with 0.01.
     """
-    return int(n_rows * (1 / num_blocks))
+
+    rows: torch.Tensor  # [S, d], model dtype
+    keys: torch.Tensor  # [S, d_s]
+    ages: torch.Tensor  # [S] int64
+    rf: torch.Tensor  # [S] float64, the time-to-live ("recall frequency")
+    cache: DroppedRows
+
+    @classmethod
+    def empty(cls, d: int, d_s: int, dtype: torch.dtype) -> "LayerLTM":
+        return cls(torch.zeros(0, d, dtype=dtype), torch.zeros(0, d_s, dtype=dtype), torch.zeros(0, dtype=torch.long),
+                   torch.zeros(0, dtype=torch.float64),
+                   DroppedRows(torch.zeros(0, d, dtype=dtype), torch.zeros(0, d_s, dtype=dtype),
+                               torch.zeros(0, dtype=torch.long)))
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def __repr__(self) -> str:
+        return f"LayerLTM({len(self)} rows, {len(self.cache)} cached)"
+
+    def copy(self) -> "LayerLTM":
+        return LayerLTM(self.rows.clone(), self.keys.clone(), self.ages.clone(), self.rf.clone(), self.cache.copy())
+
+    def pool(self, field: str = "rows") -> torch.Tensor:
+        """The retrieval candidates [LTM; cache] of one field ("rows" [S + c, d], "keys" [S + c, d_s], "ages")."""
+        mine = getattr(self, field)
+        return torch.cat((mine, getattr(self.cache, field).to(mine.dtype)))
+
+    def rows_at(self, picks: torch.Tensor) -> torch.Tensor:
+        """Rows [r, d] at pool indices picks [r] (0..S-1 LTM rows, S.. cached rows), without building the pool."""
+        S, in_cache = len(self), picks >= len(self)
+        out = self.rows.new_empty(picks.shape[0], self.rows.shape[1])  # [r, d]
+        out[~in_cache] = self.rows[picks[~in_cache]]
+        out[in_cache] = self.cache.rows[picks[in_cache] - S].to(self.rows.dtype)
+        return out
+
+    def tensors(self, l: int, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The record under the state file's names for layer l: {prefix}ltm.{l}, {prefix}ltm_keys.{l}, ..."""
+        return {f"{prefix}{name}.{l}": _field(self, field) for name, field in TENSOR_NAMES}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], l: int, prefix: str = "") -> "LayerLTM":
+        t = {field: tensors[f"{prefix}{name}.{l}"] for name, field in TENSOR_NAMES}
+        return cls(t["rows"], t["keys"], t["ages"], t["rf"],
+                   DroppedRows(t["cache.rows"], t["cache.keys"], t["cache.ages"]))
 
 
-def tile_index(n_rows: int, n: int) -> torch.Tensor:
-    """Which of n new rows fill each of the N slots of a MemoryLLM pool at its first update (0 <= n < N).
-
-    The official code repeats the block floor(N / n) times and appends its last N mod n rows:
-    N = 32, n = 5 -> [0..4] x 6, then [3, 4].
-    """
-    return torch.cat((torch.arange(n).repeat(n_rows // n), torch.arange(n - n_rows % n, n)))  # [N]
+def _field(record, dotted: str) -> torch.Tensor:
+    for part in dotted.split("."):
+        record = getattr(record, part)
+    return record
 
 
-def write_block(stm: torch.Tensor, ages: torch.Tensor, new: torch.Tensor, kept: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's STM after an update: survivors in their old order, then the K new rows.
-
-    stm [N, d], ages [N], new [K, d] -> stm [N, d], ages [N]. New rows get ages K-1, ..., 0 (the last written is
-    the youngest); survivors keep their ages, which inference never advances (official behaviour).
-    """
-    k = new.shape[0]
-    fresh = torch.arange(k - 1, -1, -1, dtype=ages.dtype)  # [K]
-    return torch.cat((stm[kept], new.to(stm.dtype))), torch.cat((ages[kept], fresh))
+def cache_dropped_rows(ltm: LayerLTM, rows: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor, k: int) -> LayerLTM:
+    """After an update (arXiv 2502.00592, section 3.2.1): everything that already left the STM ages by K, and the
+    K rows just dropped, rows [K, d] with keys [K, d_s] and their STM ages [K], join the cache."""
+    cache = ltm.cache
+    return LayerLTM(ltm.rows, ltm.keys, ltm.ages + k, ltm.rf,
+                    DroppedRows(torch.cat((cache.rows, rows)), torch.cat((cache.keys, keys)),
+                                torch.cat((cache.ages + k, ages))))
 
 
 def merge(ltm: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor, rf: torch.Tensor,
@@ -62,6 +125,15 @@ def merge(ltm: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor, rf: torch.T
     return ltm, keys, ages, rf + decay
 
 
+def merge_into_ltm(ltm: LayerLTM, *, initial_rf: float, decay: float, min_rows: int) -> LayerLTM:
+    """The periodic merge of M+ (arXiv 2502.00592, section 3.2.1): the cache joins the LTM with a time-to-live,
+    rows whose time is up are evicted (see merge), and the cache is emptied."""
+    c = ltm.cache
+    rows, keys, ages, rf = merge(ltm.rows, ltm.keys, ltm.ages, ltm.rf, c.rows, c.keys, c.ages,
+                                 initial_rf=initial_rf, decay=decay, min_rows=min_rows)
+    return LayerLTM(rows, keys, ages, rf, c.cleared())
+
+
 def cyclic_candidates(n_rows: int, k0: int) -> torch.Tensor:
     """An LTM with fewer than K0 rows feeds all of them, cyclically: the last K0 entries of 0..n-1 repeated.
 
@@ -74,8 +146,9 @@ def cyclic_candidates(n_rows: int, k0: int) -> torch.Tensor:
     return torch.arange(n_rows).repeat(reps)[-k0:]  # [K0]
 
 
-def oldest_first(ages: torch.Tensor) -> torch.Tensor:
-    """The order that feeds candidates oldest first: the reverse of a stable ascending sort of their ages.
+def order_by_age(ages: torch.Tensor) -> torch.Tensor:
+    """The order that feeds retrieved rows oldest first (arXiv 2502.00592, section 3.2.2): the reverse of a stable
+    ascending sort of their ages.
 
     Among equal ages the later candidate comes first. The official code uses numpy's unstable default sort,
     whose tie order depends on the CPU; the fixtures pin this stable rule.

@@ -22,18 +22,20 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from mplus.memory import ltm as L
-from mplus.memory import checkpoint as mplus_checkpoint
 from mplus.llama.config import LlamaConfig
 from mplus.llama.generate import collect, decode_loop, new_token_budget, prompt_tensor
 from mplus.llama.kv_cache import KVCache
-from mplus.memory.lora import READ, WRITE, LoRALinear, wrap_with_lora
-from mplus.memory.config import MemoryConfig
 from mplus.llama.model import Decoder
-from mplus.memory.retriever import projector, select
 from mplus.llama.rope import inv_freq_for, rope_cos_sin
+from mplus.memory import checkpoint as mplus_checkpoint
+from mplus.memory.config import MemoryConfig
 from mplus.memory.fingerprint import weights_fingerprint
+from mplus.memory.lora import READ, WRITE, LoRALinear, wrap_with_lora
+from mplus.memory.ltm import cache_dropped_rows, merge_into_ltm
+from mplus.memory.prefix import memory_prefix, prefix_cache
+from mplus.memory.retriever import Retrieved, nothing_retrieved, projector, retrieve
 from mplus.memory.state import MemoryState
+from mplus.memory.stm import drop_and_append, first_write
 
 MIN_CHUNK = 16  # the shortest chunk the official training ever injected
 
@@ -141,13 +143,11 @@ class MPlus(nn.Module):
             raise ValueError("this state has a long-term memory but is marked uninitialized, which only MemoryLLM has")
         if self.memory_config.kind != "mplus":
             raise ValueError("this state has a long-term memory, but the model is MemoryLLM (no retriever)")
-        lists = (state.ltm, state.ltm_keys, state.ltm_ages, state.ltm_rf, state.cache_rows, state.cache_keys,
-                 state.cache_ages)
-        if any(x is None or len(x) != L for x in lists):
-            raise ValueError(f"this state's long-term memory does not have one entry per layer ({L})")
-        for l in range(L):
-            if state.ltm[l].shape[1:] != (d,) or state.cache_rows[l].shape[1:] != (d,) \
-                    or state.ltm_keys[l].shape[1:] != (d_s,) or state.cache_keys[l].shape[1:] != (d_s,):
+        if len(state.ltm) != L:
+            raise ValueError(f"this state's long-term memory does not have one record per layer ({L})")
+        for l, m in enumerate(state.ltm):
+            if m.rows.shape[1:] != (d,) or m.cache.rows.shape[1:] != (d,) \
+                    or m.keys.shape[1:] != (d_s,) or m.cache.keys.shape[1:] != (d_s,):
                 raise ValueError(f"layer {l} of this state's long-term memory has rows or keys of the wrong width "
                                  f"(the model needs d = {d}, d_s = {d_s}): it belongs to another model")
 
@@ -156,87 +156,77 @@ class MPlus(nn.Module):
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_cos_sin(self.inv_freq, positions)
 
-    def _stm_kv(self, state: MemoryState, l: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values [1, H_kv, 1 + N, D] of [bos; STM] for the read adapter: the reusable part of the prefix.
-
-        They change only when the memory does, so they are kept in the state until the next update.
-        """
-        if state.stm_kv is None:
-            state.stm_kv = [None] * state.num_layers
-        if state.stm_kv[l] is None:
-            k0, n = self.memory_config.ltm_retrieved, self.memory_config.stm_size
-            positions = torch.cat((torch.zeros(1, dtype=torch.long), torch.arange(1 + k0, 1 + k0 + n)))  # [1 + N]
-            rows = torch.cat((self.bos_embedding[l], state.stm[l]))[None]  # [1, 1 + N, d]
-            state.stm_kv[l] = self.model.layers[l].prefix_kv(rows, *self._cos_sin(positions), READ)
-        return state.stm_kv[l]
-
-    def retrieve(self, state: MemoryState, l: int, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer l's LTM rows for a prompt whose layer-l inputs are layer_input [T, d]: (source, index) [r] each,
-        in feeding order (0 = LTM row, 1 = cached dropped row). Empty without an LTM."""
-        if not state.has_ltm:
-            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-        layer = self.model.layers[l]
-        queries = layer.self_attn.query_proj(layer.input_layernorm(layer_input))  # [T, d_s]
-        return select(queries, state.ltm_keys[l], state.ltm_ages[l], state.cache_keys[l], state.cache_ages[l],
-                      self.memory_config.ltm_retrieved)
-
-    def _prefill(self, state: MemoryState, ids: torch.Tensor, cache: KVCache | None, last_only: bool,
-                 record: list | None = None, query_len: int | None = None) -> torch.Tensor:
-        """Logits [1, T or 1, V] of ids [T] reading the memory; fills `cache` with prefix and prompt keys/values.
-
-        query_len: retrieve with the first query_len tokens only (training feeds question + answer and must
-        retrieve with the question alone, as generation does). Differentiable when called with grad enabled.
-        """
-        self._check_state(state)
-        T = ids.shape[0]
-        cos, sin = self._cos_sin(self._first_position(state) + torch.arange(T))  # [T, D] each
-        x = self.model.embed_tokens(ids)[None]  # [1, T, d]
-        n_prefix = 0
-        for l, layer in enumerate(self.model.layers):
-            prefix_kv, source, index = self._read_prefix(state, l, x[0, :query_len])
-            n_prefix = 0 if prefix_kv is None else prefix_kv[0].shape[2]
-            if record is not None:
-                record.append({"layer_input": x[0], "source": source, "index": index})
-            x = layer(x, cos, sin, prefix_kv=prefix_kv, cache=cache, layer=l, adapter=READ,
-                      last_only=last_only and l == len(self.model.layers) - 1)  # [1, T, d]
-            if record is not None:
-                record[-1]["layer_output"] = x[0]
-        if cache is not None:
-            cache.advance(n_prefix + T)
-        return self.lm_head(self.model.norm(x)).float()  # [1, T or 1, V]
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(x)).float()  # [1, T, V]
 
     def _first_position(self, state: MemoryState) -> int:
         """The position of the first input token: after the whole virtual prefix, or 0 with no memory yet."""
         return self.memory_config.virtual_prefix if state.initialized else 0
 
-    def _read_prefix(self, state: MemoryState, l: int, layer_input: torch.Tensor):
-        """(prefix keys/values [1, H_kv, 1 + r + N, D] each or None, source [r], index [r]) of layer l.
-
-        No prefix for a MemoryLLM state that is not initialized: the official model is then a plain Llama.
-        """
-        source, index = self.retrieve(state, l, layer_input)  # [r] each
-        if not state.initialized:
-            return None, source, index
-        stm_k, stm_v = self._stm_kv(state, l)  # [1, H_kv, 1 + N, D] each
-        if not source.numel():
-            return (stm_k, stm_v), source, index
+    def memory_queries(self, l: int, hidden: torch.Tensor) -> torch.Tensor:
+        """f_q(norm(h)) [T, d_s] of layer-l inputs [T, d]: the retriever's queries (arXiv 2502.00592, section 3.2.2)."""
         layer = self.model.layers[l]
-        pool = torch.cat((state.ltm[l], state.cache_rows[l]))  # [S + c, d]
-        rows = pool[index + source * state.ltm[l].shape[0]][None]  # [1, r, d]
-        ltm_k, ltm_v = layer.prefix_kv(rows, *self._cos_sin(torch.arange(1, 1 + source.numel())), READ)
-        return (torch.cat((stm_k[:, :, :1], ltm_k, stm_k[:, :, 1:]), 2),
-                torch.cat((stm_v[:, :, :1], ltm_v, stm_v[:, :, 1:]), 2)), source, index
+        return layer.self_attn.query_proj(layer.input_layernorm(hidden))
+
+    def memory_keys(self, l: int, rows: torch.Tensor) -> torch.Tensor:
+        """f_k(norm(m)) [S, d_s] of layer-l memory rows [S, d]: the retriever's keys, computed once per dropped row."""
+        layer = self.model.layers[l]
+        return layer.self_attn.key_proj(layer.input_layernorm(rows))
+
+    def retrieve(self, state: MemoryState, l: int, layer_input: torch.Tensor) -> Retrieved:
+        """Layer l's LTM rows for a prompt whose layer-l inputs are layer_input [T, d], in feeding order (oldest
+        first; see mplus.memory.retriever.retrieve). Nothing without an LTM."""
+        if not state.has_ltm:
+            return nothing_retrieved(self.config.hidden_size, self.dtype)
+        return retrieve(self.memory_queries(l, layer_input), state.ltm[l], self.memory_config.ltm_retrieved)
+
+    def read_logits(self, state: MemoryState, input_ids, *, strip_bos: bool = False, query_len: int | None = None,
+                    record: list | None = None, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [1, T, V] of input_ids (no BOS) reading the memory: per layer, retrieval with the layer's inputs
+        (M+), then the prefix [bos; retrieved; STM] (mplus.memory.prefix) through the read adapter.
+
+        Differentiable with gradients on (the trainers' read path; the [bos; STM] keys/values are then computed
+        afresh, never cached). query_len: retrieve with the first query_len tokens only (training feeds question
+        + answer and must retrieve with the question alone, as generation does). record: if a list is given, one
+        dict per layer is appended: its input and output hidden states at the tokens ("layer_input",
+        "layer_output") and what it retrieved ("retrieved", a Retrieved). cache: a KVCache to fill (generation).
+        """
+        ids = self._check_ids(input_ids, strip_bos, "input")
+        self._check_state(state)
+        cos, sin = self._cos_sin(self._first_position(state) + torch.arange(ids.shape[0]))  # [T, D] each
+        stm_kv = prefix_cache(self, state)
+
+        def prefix(l: int, x: torch.Tensor):
+            retrieved = self.retrieve(state, l, x[0, :query_len])
+            if record is not None:
+                record.append({"layer_input": x[0], "retrieved": retrieved})
+            return memory_prefix(self, state, l, retrieved, stm_kv)
+
+        def on_output(l: int, out: torch.Tensor) -> None:
+            record[-1]["layer_output"] = out[0]
+
+        x = self.model.run_layers(self.model.embed_tokens(ids)[None], cos, sin, prefix=prefix, cache=cache,
+                                  on_output=None if record is None else on_output, adapter=READ,
+                                  last_only=last_only)  # [1, T or 1, d]
+        return self._logits(x)  # [1, T or 1, V]
+
+    def logits_with_rows(self, ids: torch.Tensor, positions: torch.Tensor, rows: list[torch.Tensor],
+                         row_positions: torch.Tensor, adapter: str) -> torch.Tensor:
+        """Logits [1, T, V] of ids [T] at positions [T], every layer l reading rows[l] [P, d] at row_positions [P]
+        as keys/values only, through `adapter` (READ or WRITE). Differentiable: stage 1 of the training recipe
+        reads a memory it lays out itself (mplus.train.memory)."""
+        layers = self.model.layers
+        cos, sin = self._cos_sin(positions)  # [T, D] each
+        p_cos, p_sin = self._cos_sin(row_positions)  # [P, D] each
+        x = self.model.run_layers(self.model.embed_tokens(ids)[None], cos, sin, adapter=adapter,
+                                  prefix=lambda l, _: layers[l].prefix_kv(rows[l][None], p_cos, p_sin, adapter))
+        return self._logits(x)  # [1, T, V]
 
     def forward(self, state: MemoryState, input_ids, *, strip_bos: bool = False,
                 record: list | None = None) -> torch.Tensor:
-        """Logits [1, T, V] of input_ids (no BOS) reading the memory, with retrieval in M+.
-
-        record: if a list is given, one dict per layer is appended: the layer's input and output hidden states at
-        the tokens ("layer_input", "layer_output") and the retrieved rows ("source", "index") in feeding order.
-        """
-        ids = self._check_ids(input_ids, strip_bos, "input")
+        """Logits [1, T, V] of input_ids (no BOS) reading the memory, without gradients; see read_logits."""
         with torch.no_grad():
-            return self._prefill(state, ids, None, False, record)
+            return self.read_logits(state, input_ids, strip_bos=strip_bos, record=record)
 
     def generate_tokens(self, state: MemoryState, prompt_ids, *, max_new_tokens: int = 64,
                         temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
@@ -251,16 +241,14 @@ class MPlus(nn.Module):
         position = [self._first_position(state) + T]
 
         def step(token: int) -> torch.Tensor:
-            cos, sin = self._cos_sin(torch.tensor([position[0]]))
+            cos, sin = self._cos_sin(torch.tensor([position[0]]))  # [1, D] each
             position[0] += 1
-            x = self.model.embed_tokens(torch.tensor([[token]]))  # [1, 1, d]
-            for l, layer in enumerate(self.model.layers):
-                x = layer(x, cos, sin, cache=cache, layer=l, adapter=READ)
-            cache.advance(1)
-            return self.lm_head(self.model.norm(x)).float()[0, -1]  # [V]
+            x = self.model.run_layers(self.model.embed_tokens(torch.tensor([[token]])), cos, sin, cache=cache,
+                                      adapter=READ)  # [1, 1, d]
+            return self._logits(x)[0, -1]  # [V]
 
         stop = set(self.config.eos_token_id if stop_ids is None else stop_ids)
-        yield from decode_loop(lambda: self._prefill(state, ids, cache, True)[0, -1], step,
+        yield from decode_loop(lambda: self.read_logits(state, ids, cache=cache, last_only=True)[0, -1], step,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                generator=generator, stop=stop)
 
@@ -308,89 +296,80 @@ class MPlus(nn.Module):
         """Write one chunk into the memory; returns the new memory [L, K, d] (one block per layer).
 
         generator draws the STM drops (default: the state's own). Chunks shorter than 16 tokens are refused
-        unless allow_short: the official training never injected fewer. record: as for encode.
+        unless allow_short: the official training never injected fewer. record: as for new_memory_block.
         """
         self._check_state(state)
         ids = self._check_ids(chunk_ids, strip_bos, "chunk")
         if ids.shape[0] < MIN_CHUNK and not allow_short:
             raise ValueError(f"the chunk has {ids.shape[0]} tokens; M+ was trained on chunks of at least "
                              f"{MIN_CHUNK} (pass allow_short=True to inject it anyway)")
-        delta = self.encode(state.stm, ids, initialized=state.initialized, record=record)
-        self.write(state, delta, generator or state.generator)
-        return delta
+        block = self.new_memory_block(state.stm, ids, initialized=state.initialized, record=record)
+        self.write(state, block, generator or state.generator)
+        return block
 
-    def encode(self, stm: torch.Tensor, ids: torch.Tensor, *, initialized: bool = True,
-               record: list | None = None) -> torch.Tensor:
-        """The new memory block [L, K, d] that chunk ids [n] writes, given the STM [L, N, d] it follows.
+    def new_memory_block(self, stm: torch.Tensor, ids: torch.Tensor, *, initialized: bool = True,
+                         record: list | None = None) -> torch.Tensor:
+        """The write pass (arXiv 2402.04624, section 3.1; M+ keeps it, arXiv 2502.00592, section 3.2.1): the new
+        memory block [L, K, d] that chunk ids [n] writes, given the STM [L, N, d] it follows.
 
-        Per layer the prefix is [bos, the last K STM rows], the write adapter is active, and the positional
-        embedding of new memory is added to the last K positions. Differentiable: training backpropagates
-        through it into the write adapter and the two embeddings.
+        Per layer l the write adapter reads [bos_l (position 0), the last K STM rows (1..K), the chunk (K+1..)],
+        the positional embedding of new memory added to the last K positions, whose outputs are the layer's new
+        rows. The first p = min(1 + K, 1 + n) positions only give keys/values; with n < K, K - n memory rows
+        query too. Differentiable: training backpropagates into the write adapter and the two embeddings.
         initialized False (MemoryLLM before its first write): no prefix, positions from 0, a block of min(K, n)
         rows. record: if a list is given, one dict per layer gets the layer's outputs ("layer_output").
         """
         n, K, N = ids.shape[0], self.memory_config.num_tokens, self.memory_config.stm_size
         e = self.new_memory_positional_emb  # [1, 1, d]
         cos, sin = self._cos_sin(torch.arange(1 + K + n if initialized else n))  # bos 0, memory 1..K, chunk K+1..
-        p = min(1 + K, 1 + n) if initialized else 0  # query boundary: with n < K, K - n memory rows query too
-        x = self.model.embed_tokens(ids)[None]  # [1, n, d]
-        new = []
-        for l, layer in enumerate(self.model.layers):
-            seq = torch.cat((self.bos_embedding[l][None], stm[l, N - K:][None], x), 1) if initialized else x
-            seq = torch.cat((seq[:, :-K], seq[:, -K:] + e), 1)  # [1, 1 + K + n or n, d]
-            prefix_kv = layer.prefix_kv(seq[:, :p], cos[:p], sin[:p], WRITE) if p else None
-            out = layer(seq[:, p:], cos[p:], sin[p:], prefix_kv=prefix_kv, adapter=WRITE)  # [1, max(n, K), d]
+        p = min(1 + K, 1 + n) if initialized else 0  # query boundary
+        layers, new = self.model.layers, []
+
+        def memory(l: int) -> torch.Tensor:  # [1, 1 + K, d]: bos, then the last K STM rows
+            return torch.cat((self.bos_embedding[l][None], stm[l, N - K:][None]), 1)
+
+        def layer_input(l: int, x: torch.Tensor) -> torch.Tensor:  # x: the previous output, its last n the chunk's
+            seq = torch.cat((memory(l)[:, p:], x[:, -n:]), 1) if initialized else x[:, -n:]  # [1, max(n, K) or n, d]
+            return torch.cat((seq[:, :-K], seq[:, -K:] + e), 1)
+
+        def prefix(l: int, _) -> tuple[torch.Tensor, torch.Tensor] | None:
+            return layers[l].prefix_kv(memory(l)[:, :p], cos[:p], sin[:p], WRITE) if p else None
+
+        def on_output(l: int, out: torch.Tensor) -> None:
+            new.append(out[0, -K:])
             if record is not None:
                 record.append({"layer_output": out[0]})
-            new.append(out[0, -K:])
-            x = out[:, -n:]
-        delta = torch.stack(new)  # [L, K or min(n, K), d]
+
+        self.model.run_layers(self.model.embed_tokens(ids)[None], cos[p:], sin[p:], prefix=prefix,
+                              layer_input=layer_input, on_output=on_output, adapter=WRITE)
+        block = torch.stack(new)  # [L, K or min(n, K), d]
         if not initialized:  # official aliasing: layer l + 1 adds e in place to the very rows of layer l's block
-            delta = torch.cat((delta[:-1] + e, delta[-1:]))
-        return delta
+            block = torch.cat((block[:-1] + e, block[-1:]))
+        return block
 
     @torch.no_grad()
-    def write(self, state: MemoryState, delta: torch.Tensor, g: torch.Generator) -> None:
-        """Drop K random STM rows per layer (layer 0 first), append the new block, age and cache the dropped rows.
+    def write(self, state: MemoryState, block: torch.Tensor, g: torch.Generator) -> None:
+        """Write a new block [L, K, d] into the memory: drop_and_append in the STM (layer 0 drawn first); M+ then
+        caches the dropped rows with their keys (cache_dropped_rows) and merges the cache into the LTM every
+        update_ltm_frequency updates (merge_into_ltm). MemoryLLM forgets the dropped rows.
 
         An uninitialized MemoryLLM state instead becomes the block tiled over all N rows, with no random draw.
         """
-        K, N = self.memory_config.num_tokens, self.memory_config.stm_size
-        if not state.initialized:
-            index = L.tile_index(N, delta.shape[1])  # [N]
-            fresh = torch.arange(delta.shape[1] - 1, -1, -1, dtype=state.stm_ages.dtype)  # [n], as write_block
-            state.stm, state.stm_ages = delta[:, index].to(state.stm.dtype), fresh[index].repeat(state.num_layers, 1)
-            state.stm_kv, state.initialized = None, True
-            return
-        shared = None if self.memory_config.drop_memory_per_layer else L.draw_drop(N, K, g)
-        stm, ages, dropped = [], [], []
-        for l in range(state.num_layers):
-            kept, gone = shared or L.draw_drop(N, K, g)
-            dropped.append((state.stm[l][gone], state.stm_ages[l][gone]))
-            rows, row_ages = L.write_block(state.stm[l], state.stm_ages[l], delta[l], kept)
-            stm.append(rows), ages.append(row_ages)
-        state.stm, state.stm_ages, state.stm_kv = torch.stack(stm), torch.stack(ages), None
-        if not state.has_ltm:
-            return  # MemoryLLM: dropped rows are forgotten
-        for l, (rows, row_ages) in enumerate(dropped):
-            layer = self.model.layers[l]
-            keys = layer.self_attn.key_proj(layer.input_layernorm(rows))  # [K, d_s], computed once, kept
-            state.ltm_ages[l] = state.ltm_ages[l] + K  # every update ages what already left the STM
-            state.cache_ages[l] = torch.cat((state.cache_ages[l] + K, row_ages))
-            state.cache_rows[l] = torch.cat((state.cache_rows[l], rows))
-            state.cache_keys[l] = torch.cat((state.cache_keys[l], keys))
-        state.update_step += K
-        if state.update_step >= self.memory_config.update_ltm_frequency * K:
-            self._merge(state)
-
-    def _merge(self, state: MemoryState) -> None:
         mem = self.memory_config
-        for l in range(state.num_layers):
-            state.ltm[l], state.ltm_keys[l], state.ltm_ages[l], state.ltm_rf[l] = L.merge(
-                state.ltm[l], state.ltm_keys[l], state.ltm_ages[l], state.ltm_rf[l],
-                state.cache_rows[l], state.cache_keys[l], state.cache_ages[l],
-                initial_rf=mem.initial_rf_when_moving_stm_to_ltm, decay=mem.decay_frequency,
-                min_rows=mem.ltm_retrieved)
-            state.cache_rows[l], state.cache_keys[l] = state.cache_rows[l][:0], state.cache_keys[l][:0]
-            state.cache_ages[l] = state.cache_ages[l][:0]
-        state.update_step = 0
+        if not state.initialized:
+            stm, state.stm_ages = first_write(block, mem.stm_size, state.stm_ages.dtype)
+            state.stm, state.stm_kv, state.initialized = stm.to(state.stm.dtype), None, True
+            return
+        state.stm, state.stm_ages, dropped, dropped_ages = drop_and_append(
+            state.stm, state.stm_ages, block, g, per_layer=mem.drop_memory_per_layer)
+        state.stm_kv = None  # the [bos; STM] keys/values of the old memory
+        if not state.has_ltm:
+            return
+        K = mem.num_tokens
+        state.ltm = [cache_dropped_rows(ltm, dropped[l], self.memory_keys(l, dropped[l]), dropped_ages[l], K)
+                     for l, ltm in enumerate(state.ltm)]
+        state.update_step += K
+        if state.update_step >= mem.update_ltm_frequency * K:
+            state.ltm = [merge_into_ltm(ltm, initial_rf=mem.initial_rf_when_moving_stm_to_ltm,
+                                        decay=mem.decay_frequency, min_rows=mem.ltm_retrieved) for ltm in state.ltm]
+            state.update_step = 0

@@ -1,17 +1,20 @@
-"""The M+ retriever: per layer, projectors f_q and f_k into a small key space, and the top-K0 selection.
+"""The M+ retriever (arXiv 2502.00592, section 3.2.2): per layer, projectors f_q and f_k into a small key space,
+and the top-K0 selection of long-term rows for a prompt.
 
 score(query token i, memory row j) = sigmoid(f_q(norm(h_i)) . f_k(norm(m_j))), a plain dot product; a row's
 relevance for a prompt is the mean of its scores over the prompt tokens. norm is the layer's input_layernorm.
 Keys of memory rows are computed once, when a row leaves the STM, and stored with it.
 
-Notation: T prompt tokens, d hidden size, d_s key size, S LTM rows, c cached rows, K0 rows retrieved.
+Notation: T prompt tokens, d hidden size, d_s key size, S LTM rows, c cached rows, K0 rows retrieved, r rows fed.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
 
-from mplus.memory.ltm import cyclic_candidates, oldest_first
+from mplus.memory.ltm import LayerLTM, cyclic_candidates, order_by_age
 
 
 def projector(d: int, d_s: int, n_layers: int) -> nn.Sequential:
@@ -26,24 +29,60 @@ def relevance(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(queries @ keys.t()).mean(0)  # [S]
 
 
-def select(queries: torch.Tensor | None, ltm_keys: torch.Tensor, ltm_ages: torch.Tensor,
-           cache_keys: torch.Tensor, cache_ages: torch.Tensor, k0: int
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows to feed, in feeding order: (source [r] with 0 = LTM / 1 = cache, index [r] within the source).
+def select(queries: torch.Tensor | None, keys: torch.Tensor, ages: torch.Tensor, n_ltm: int, k0: int) -> torch.Tensor:
+    """Pool indices [r] of the rows to feed, in feeding order, for a pool [LTM; cache] with keys [S + c, d_s] and
+    ages [S + c] whose first n_ltm rows are the LTM.
 
-    With at least K0 LTM rows: the top K0 by relevance over [LTM ; cache], taken in storage order, then
+    With at least K0 LTM rows: the top K0 by relevance over the whole pool, taken in storage order, then
     ordered oldest first. With fewer: the cyclic fill of the LTM alone (no scoring, the cache ignored).
     """
-    n_ltm = ltm_keys.shape[0]
     if n_ltm < k0:
-        index = cyclic_candidates(n_ltm, k0)  # [r]
-        source = torch.zeros_like(index)
-        ages = ltm_ages[index]
+        picks = cyclic_candidates(n_ltm, k0)  # [r]
     else:
-        scores = relevance(queries, torch.cat((ltm_keys, cache_keys.to(ltm_keys.dtype))))  # [S + c]
-        top = scores.topk(k0).indices.sort().values  # [K0] in storage order
-        source = (top >= n_ltm).long()
-        index = torch.where(source == 1, top - n_ltm, top)
-        ages = torch.cat((ltm_ages, cache_ages))[top]
-    order = oldest_first(ages)
-    return source[order], index[order]
+        picks = relevance(queries, keys).topk(k0).indices.sort().values  # [K0] in storage order
+    return picks[order_by_age(ages[picks])]
+
+
+@dataclasses.dataclass(frozen=True)
+class Retrieved:
+    """One layer's retrieved rows, in feeding order (oldest first)."""
+
+    rows: torch.Tensor  # [r, d]
+    ages: torch.Tensor  # [r]
+    picks: torch.Tensor  # [r] indices into the layer's pool [LTM rows; cached rows]
+    n_ltm: int  # S: picks >= S are cached dropped rows
+
+    @property
+    def from_cache(self) -> torch.Tensor:
+        """[r] bool: a dropped row still in the cache (not yet merged) rather than an LTM row."""
+        return self.picks >= self.n_ltm
+
+    @property
+    def source(self) -> torch.Tensor:
+        """[r] 0 for an LTM row, 1 for a cached row (the official code's `source`)."""
+        return self.from_cache.long()
+
+    @property
+    def index(self) -> torch.Tensor:
+        """[r] index within the source (the official code's `index`)."""
+        return self.picks - self.source * self.n_ltm
+
+    def __len__(self) -> int:
+        return self.picks.shape[0]
+
+    def __repr__(self) -> str:
+        return f"Retrieved({len(self)} rows, {int(self.from_cache.sum())} from the cache)"
+
+
+def retrieve(queries: torch.Tensor, ltm: LayerLTM, k0: int) -> Retrieved:
+    """Retrieval of M+ (arXiv 2502.00592, section 3.2.2) in one layer: the K0 rows of the pool [LTM; cache] most
+    relevant to the prompt's queries [T, d_s] (f_q of its layer inputs), fed oldest first (see select)."""
+    ages = ltm.pool("ages")  # [S + c]
+    picks = select(queries, ltm.pool("keys") if len(ltm) >= k0 else ltm.keys, ages, len(ltm), k0)  # [r]
+    return Retrieved(rows=ltm.rows_at(picks), ages=ages[picks], picks=picks, n_ltm=len(ltm))
+
+
+def nothing_retrieved(d: int, dtype: torch.dtype) -> Retrieved:
+    """What a layer without a long-term memory retrieves (MemoryLLM)."""
+    none = torch.zeros(0, dtype=torch.long)
+    return Retrieved(rows=torch.zeros(0, d, dtype=dtype), ages=none, picks=none, n_ltm=0)

@@ -9,32 +9,31 @@ S_l long-term memory (LTM) rows of layer l, c_l rows in layer l's dropped-row ca
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 
+from mplus.memory.ltm import LayerLTM
 from mplus.memory.state_check import StateError
 from mplus.memory.state_file import describe_state, load_state, save_state
 
-__all__ = ["MemoryState", "StateError"]
+if TYPE_CHECKING:
+    from mplus.memory.prefix import PrefixCache
+
+__all__ = ["LayerLTM", "MemoryState", "StateError"]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False, repr=False)
 class MemoryState:
-    """STM, LTM and the dropped-row cache of every layer, plus the counters and random generator of updates.
+    """STM of every layer, and for M+ each layer's LTM with its dropped-row cache (mplus.memory.ltm.LayerLTM),
+    plus the counters and random generator of updates.
 
-    Ages are integers in memory-token units (one update adds K). Recall frequencies are float64 because the
-    official merge decrements them and compares with 0.01. A MemoryLLM state has no LTM (ltm is None).
+    Ages are integers in memory-token units (one update adds K). A MemoryLLM state has no LTM (ltm is None).
     """
 
     stm: torch.Tensor  # [L, N, d] hidden states, model dtype
     stm_ages: torch.Tensor  # [L, N] int64
-    ltm: list[torch.Tensor] | None  # L x [S_l, d]; None for MemoryLLM
-    ltm_keys: list[torch.Tensor] | None  # L x [S_l, d_s]
-    ltm_ages: list[torch.Tensor] | None  # L x [S_l] int64
-    ltm_rf: list[torch.Tensor] | None  # L x [S_l] float64, the time-to-live ("recall frequency")
-    cache_rows: list[torch.Tensor] | None  # L x [c_l, d], dropped rows waiting for the next merge
-    cache_keys: list[torch.Tensor] | None  # L x [c_l, d_s]
-    cache_ages: list[torch.Tensor] | None  # L x [c_l] int64
+    ltm: list[LayerLTM] | None  # one record per layer: S_l rows, keys, ages, time-to-live, c_l cached rows
     update_step: int  # memory tokens written since the last merge
     generator: torch.Generator  # draws the STM drops (torch.randperm), so a saved state resumes identically
     # The fingerprint of the weights that wrote this memory (mplus.memory.fingerprint), saved in the file's header so
@@ -43,8 +42,9 @@ class MemoryState:
     # MemoryLLM only (arXiv 2402.04624; the official `initialized` buffer): False until the first injection, which
     # fills the whole STM with copies of its block; until then the model reads no memory at all.
     initialized: bool = True
-    # Derived, never saved: per-layer STM keys/values for the read adapter, valid until the next update.
-    stm_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = dataclasses.field(default=None, repr=False)
+    # Derived, never saved: the [bos; STM] keys/values of the read prefix, as one model computed them, valid until
+    # the next update (mplus.memory.prefix).
+    stm_kv: PrefixCache | None = None
 
     @property
     def has_ltm(self) -> bool:
@@ -54,21 +54,27 @@ class MemoryState:
     def num_layers(self) -> int:
         return self.stm.shape[0]
 
+    def __repr__(self) -> str:
+        """One line: kind, sizes and update step (describe() gives the per-layer detail)."""
+        L, N, d = self.stm.shape
+        ltm = (f", LTM {sum(map(len, self.ltm))} rows + {sum(len(m.cache) for m in self.ltm)} cached"
+               if self.has_ltm else "")
+        return (f"MemoryState({'M+' if self.has_ltm else 'MemoryLLM'}, {L} layers, STM {N} rows x d={d}{ltm}, "
+                f"update_step {self.update_step}{'' if self.initialized else ', not yet written'})")
+
     def copy(self) -> "MemoryState":
         """An independent deep copy (tensors cloned, generator state duplicated)."""
         g = torch.Generator()
         g.set_state(self.generator.get_state())
-        clone = lambda xs: None if xs is None else [x.clone() for x in xs]  # noqa: E731
-        return MemoryState(
-            stm=self.stm.clone(), stm_ages=self.stm_ages.clone(), ltm=clone(self.ltm), ltm_keys=clone(self.ltm_keys),
-            ltm_ages=clone(self.ltm_ages), ltm_rf=clone(self.ltm_rf), cache_rows=clone(self.cache_rows),
-            cache_keys=clone(self.cache_keys), cache_ages=clone(self.cache_ages), update_step=self.update_step,
-            generator=g, weights=self.weights, initialized=self.initialized, stm_kv=None)
+        return MemoryState(stm=self.stm.clone(), stm_ages=self.stm_ages.clone(),
+                           ltm=None if self.ltm is None else [m.copy() for m in self.ltm],
+                           update_step=self.update_step, generator=g, weights=self.weights,
+                           initialized=self.initialized, stm_kv=None)
 
     def without_ltm(self) -> "MemoryState":
         """A copy that behaves as MemoryLLM: the same STM, no long-term memory (dropped rows are forgotten)."""
         s = self.copy()
-        s.ltm = s.ltm_keys = s.ltm_ages = s.ltm_rf = s.cache_rows = s.cache_keys = s.cache_ages = None
+        s.ltm = None
         return s
 
     # Saving, loading and describing live in mplus.memory.state_file, which knows states only by their fields.

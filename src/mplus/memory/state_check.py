@@ -25,7 +25,6 @@ class StateError(ValueError):
 
 MAX_AGE = 2**53  # beyond it float64, in which the official merge keeps ages, no longer counts exactly
 CHUNK = 1 << 22  # elements checked at once, so a check never allocates more than a few MB beside the tensor
-PER_LAYER = ("ltm", "ltm_keys", "ltm_ages", "ltm_rf", "cache_rows", "cache_keys", "cache_ages")  # M+-only fields
 FLOAT_DTYPES = {str(t).removeprefix("torch."): t for t in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 ROWS = ("stm", "ltm", "ltm_keys", "cache_rows", "cache_keys")  # the tensors in the model's dtype
 AGES = ("stm_ages", "ltm_ages", "cache_ages")

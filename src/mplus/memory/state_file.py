@@ -25,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 
 from mplus.formats.atomic import atomic_path
 from mplus.formats.safetensors import write_file
-from mplus.memory.state_check import PER_LAYER, ROWS, StateError, check_layout, check_values
+from mplus.memory.ltm import LayerLTM
+from mplus.memory.state_check import ROWS, StateError, check_layout, check_values
 
 __all__ = ["StateError", "describe_state", "load_state", "save_state"]
 
@@ -50,8 +51,8 @@ def save_state(state: MemoryState, path: str | os.PathLike, key: bytes | None = 
         "dtype": str(state.stm.dtype).removeprefix("torch."),
         "key_dim": keys.shape[-1] if keys is not None and keys.ndim else None,
         "key_dtype": str(keys.dtype).removeprefix("torch.") if keys is not None else None,
-        "ltm_sizes": [len(x) for x in state.ltm] if state.has_ltm else None,
-        "cache_sizes": [len(x) for x in state.cache_rows] if state.has_ltm else None,
+        "ltm_sizes": [len(m) for m in state.ltm] if state.has_ltm else None,
+        "cache_sizes": [len(m.cache) for m in state.ltm] if state.has_ltm else None,
         "update_step": int(state.update_step), "generator_device": str(state.generator.device),
         "weights": state.weights,
         "initialized": bool(state.initialized),
@@ -107,31 +108,30 @@ def load_state(path: str | os.PathLike, expect: Mapping | object | None = None,
         raise StateError(f"{path}: cannot restore the random generator on {meta['generator_device']!r} ({e}): the "
                          "file holds an invalid generator state, or one for a device this machine lacks") from None
     L, mplus = meta["num_layers"], meta["kind"] == "mplus"
-    per_layer = {f: [tensors[f"{f}.{l}"] for l in range(L)] if mplus else None for f in PER_LAYER}
-    return build(stm=tensors["stm"], stm_ages=tensors["stm_ages"], **per_layer, update_step=meta["update_step"],
-                       generator=generator, weights=meta.get("weights"),
-                       initialized=meta.get("initialized", True), stm_kv=None)
+    ltm = [LayerLTM.from_tensors(tensors, l) for l in range(L)] if mplus else None
+    return build(stm=tensors["stm"], stm_ages=tensors["stm_ages"], ltm=ltm, update_step=meta["update_step"],
+                 generator=generator, weights=meta.get("weights"), initialized=meta.get("initialized", True),
+                 stm_kv=None)
 
 
 def describe_state(state: MemoryState, bins: int = 8) -> str:
     """A few lines for a screen: sizes, dtypes, and per layer the row counts and age histograms."""
     L, N, d = state.stm.shape
-    keys = f", retriever keys d_s={state.ltm_keys[0].shape[-1]}" if state.has_ltm else ""
+    keys = f", retriever keys d_s={state.ltm[0].keys.shape[-1]}" if state.has_ltm else ""
     lines = [f"{'M+' if state.has_ltm else 'MemoryLLM'} memory state: {L} layers, STM {N} rows x d={d} "
              f"({str(state.stm.dtype).removeprefix('torch.')}){keys}, update_step {state.update_step}"]
     # One age range for all layers, so the bars of different layers line up and the range is printed once.
     stm_lo, stm_hi = _range([state.stm_ages])
     rows = [["layer", "STM", f"STM ages {stm_lo}..{stm_hi}"]]
     if state.has_ltm:
-        ltm_lo, ltm_hi = _range(state.ltm_ages)
+        ltm_lo, ltm_hi = _range([m.ages for m in state.ltm])
         rows[0] += ["LTM", f"LTM ages {ltm_lo}..{ltm_hi}", "rf min..max", "cache"]
     for l in range(L):
         row = [str(l), str(N), _bars(state.stm_ages[l], stm_lo, stm_hi, bins)]
         if state.has_ltm:
-            rf = state.ltm_rf[l]
-            rf_text = f"{rf.min().item():.3g}..{rf.max().item():.3g}" if len(rf) else "-"
-            row += [str(len(state.ltm[l])), _bars(state.ltm_ages[l], ltm_lo, ltm_hi, bins), rf_text,
-                    str(len(state.cache_rows[l]))]
+            m = state.ltm[l]
+            rf_text = f"{m.rf.min().item():.3g}..{m.rf.max().item():.3g}" if len(m) else "-"
+            row += [str(len(m)), _bars(m.ages, ltm_lo, ltm_hi, bins), rf_text, str(len(m.cache))]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     left = [i for i, title in enumerate(rows[0]) if "ages" in title]  # bars read from the left, numbers from the right
@@ -139,7 +139,7 @@ def describe_state(state: MemoryState, bins: int = 8) -> str:
         lines.append("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      .rstrip())
     if state.has_ltm:
-        lines.append(f"total: LTM {sum(map(len, state.ltm))} rows, cache {sum(map(len, state.cache_rows))} rows; "
+        lines.append(f"total: LTM {sum(map(len, state.ltm))} rows, cache {sum(len(m.cache) for m in state.ltm)} rows; "
                      f"bars: {bins} age bins per layer, height relative to the layer's fullest bin")
     return "\n".join(lines)
 
@@ -147,13 +147,13 @@ def describe_state(state: MemoryState, bins: int = 8) -> str:
 # ------------------------------------------------------------------------------------------------------ helpers
 
 def _tensors(state: MemoryState) -> dict[str, torch.Tensor]:
-    fields = [getattr(state, f) for f in PER_LAYER]
-    if any(x is None for x in fields) != all(x is None for x in fields) or state.stm.ndim != 3:
-        raise StateError("cannot save a memory state whose STM is not [L, N, d] or whose LTM/cache fields are "
-                         "only partly set; build it with all seven per-layer lists or none (MemoryLLM)")
+    if state.stm.ndim != 3 or not (state.ltm is None or all(isinstance(m, LayerLTM) for m in state.ltm)):
+        raise StateError("cannot save a memory state whose STM is not [L, N, d] or whose LTM is not one LayerLTM "
+                         "per layer (or None, MemoryLLM)")
     out = {"stm": state.stm, "stm_ages": state.stm_ages, "generator_state": state.generator.get_state()}
     if state.has_ltm:
-        out |= {f"{f}.{l}": x for f, xs in zip(PER_LAYER, fields) for l, x in enumerate(xs)}
+        for l, m in enumerate(state.ltm):
+            out |= m.tensors(l)
     out = {k: v.detach().cpu().contiguous() for k, v in out.items()}
     # safetensors refuses tensors that share memory (e.g. one tensor listed for every layer): save copies of those
     ptrs = [v.untyped_storage().data_ptr() for v in out.values() if v.numel()]

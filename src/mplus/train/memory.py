@@ -1,4 +1,4 @@
-"""Stage 1 of the training recipe (spec 8.3): teach the adapters to write a chunk into memory and read it back.
+"""Stage 1 of the training recipe (arXiv 2402.04624, section 3.2.1, new-knowledge incorporation): teach the adapters to write a chunk into memory and read it back.
 
 One step encodes a context chunk into a new memory block with the write adapter (keeping its gradient: the
 only way gradient reaches the write adapter), then predicts a "sentence" that depends on the chunk while
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mplus.memory.lora import READ, WRITE
+from mplus.memory.prefix import stm_positions
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
@@ -31,18 +32,6 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     for p in params:
         p.requires_grad_(True)
     return params
-
-
-def read_logits(model, rows: list[torch.Tensor], row_positions: torch.Tensor, ids: torch.Tensor,
-                positions: torch.Tensor, adapter: str) -> torch.Tensor:
-    """Logits [1, T, V] of ids [T] at `positions`, every layer l reading rows[l] [P, d] as keys/values only."""
-    cos, sin = model._cos_sin(positions)  # [T, D]
-    p_cos, p_sin = model._cos_sin(row_positions)  # [P, D]
-    x = model.model.embed_tokens(ids)[None]  # [1, T, d]
-    for l, layer in enumerate(model.model.layers):
-        prefix_kv = layer.prefix_kv(rows[l][None], p_cos, p_sin, adapter)
-        x = layer(x, cos, sin, prefix_kv=prefix_kv, adapter=adapter)  # [1, T, d]
-    return model.lm_head(model.model.norm(x)).float()  # [1, T, V]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +79,7 @@ def full_memory_prefix(model, stm: torch.Tensor, delta: torch.Tensor, g: torch.G
         rows.append(torch.cat((model.bos_embedding[l], others[:N - m - after], block, others[N - m - after:])))
     if in_ltm:
         return rows, torch.arange(1 + k0 + N)  # bos 0, retrieved 1..K0, STM K0+1..K0+N
-    positions = torch.cat((torch.zeros(1, dtype=torch.long), torch.arange(1 + k0, 1 + k0 + N)))  # STM slots
-    return rows, positions
+    return rows, stm_positions(k0, N)  # bos 0, then the STM slots
 
 
 def stage1_loss(model, stm: torch.Tensor, chunk: torch.Tensor, sentence: torch.Tensor, targets: torch.Tensor,
@@ -104,15 +92,20 @@ def stage1_loss(model, stm: torch.Tensor, chunk: torch.Tensor, sentence: torch.T
     STM detached after the optimiser step, as the recipe does.
     """
     K = model.memory_config.num_tokens
-    delta = model.encode(stm, chunk)  # [L, K, d], differentiable
+    delta = model.new_memory_block(stm, chunk)  # [L, K, d], differentiable
     if fresh_only:
         rows = [torch.cat((model.bos_embedding[l], delta[l])) for l in range(delta.shape[0])]  # [1 + K, d] each
-        logits = read_logits(model, rows, torch.arange(1 + K), sentence, 1 + K + torch.arange(sentence.shape[0]),
-                             WRITE)
+        logits = model.logits_with_rows(sentence, 1 + K + torch.arange(sentence.shape[0]), rows, torch.arange(1 + K),
+                                        WRITE)
     else:
         rows, row_positions = full_memory_prefix(model, stm, delta, g, placement)
         positions = model.memory_config.virtual_prefix + torch.arange(sentence.shape[0])
-        logits = read_logits(model, rows, row_positions, sentence, positions, READ)
+        logits = model.logits_with_rows(sentence, positions, rows, row_positions, READ)
+    return answer_loss(logits, sentence, targets), delta
+
+
+def answer_loss(logits: torch.Tensor, sentence: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the next-token predictions logits [1, T, V] of sentence [T] at its target tokens (bool [T]):
+    the language-modelling loss of the training recipe (arXiv 2402.04624, section 3.2), on the answer only."""
     mask = targets[1:]
-    loss = F.cross_entropy(logits[0, :-1][mask], sentence[1:][mask])
-    return loss, delta
+    return F.cross_entropy(logits[0, :-1][mask], sentence[1:][mask])

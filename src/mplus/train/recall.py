@@ -4,15 +4,15 @@ The memory runs as at inference: every step writes one chunk (a paragraph holdin
 STM, and the dropped rows go on (stage 3: into the LTM). Each step trains on up to two questions:
 
   * fresh: when the chunk holds a fact, its question is answered right after the write, with gradient
-    through the write path (train_memory.stage1_loss, as in stage 1);
-  * delayed (spec 8.4): a question about a fact written 1..max_delay chunks earlier, answered from the current
+    through the write path (mplus.train.memory.stage1_loss, as in stage 1);
+  * delayed (arXiv 2402.04624, section 3.2.3, mitigating forgetting): a question about a fact written 1..max_delay chunks earlier, answered from the current
     memory with the read adapter. In stage 3 the prefix is [bos, K0 rows retrieved from the LTM, STM], the
-    retrieval made from the question alone, exactly as at generation (MPlus._prefill).
+    retrieval made from the question alone, exactly as at generation (MPlus.read_logits).
 
-The retriever (f_q, f_k) trains with the balanced BCE of spec 5.4 on STM slots: a slot is positive when it holds
+The retriever (f_q, f_k) trains with the balanced BCE of arXiv 2502.00592, section 3.2.2 on STM slots: a slot is positive when it holds
 a row written from the asked fact's chunk. Rows are copied, never changed, between the write and the STM, so a
-slot is found by exact equality with the fact's written block. Retriever inputs are detached (spec 5.4
-detach_hidden_state). In stage 3 the retriever keeps training on the STM and is applied to the LTM.
+slot is found by exact equality with the fact's written block. Retriever inputs are detached (the
+official training's detach_hidden_state). In stage 3 the retriever keeps training on the STM and is applied to the LTM.
 
 With lr = 0 (the tiny configs) only the retriever trains: the adapters keep what stage 1 taught. On this task
 the delayed answers hurt them (measured: distance-0 accuracy 0.87 -> 0.57 after stage 2), because other facts
@@ -41,15 +41,15 @@ from pathlib import Path
 
 import tokenizers
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from mplus.data.facts import distractor_chunk
 from mplus.memory.ltm import copies_of
 from mplus.memory.mplus import MPlus
+from mplus.memory.retriever import relevance
 from mplus.train.base import config_fields, read_stage_config
-from mplus.train.memory import stage1_loss, trainable_parameters
-from mplus.train.stage1 import fact_example
+from mplus.train.memory import answer_loss, stage1_loss, trainable_parameters
+from mplus.train.stage1 import qa_training_example
 from mplus.train.resume import Run, TrainStateError, check_tensor, named, resume, save
 
 
@@ -91,14 +91,12 @@ def retriever_parameters(model: MPlus) -> list[torch.nn.Parameter]:
 
 def retriever_loss(model: MPlus, record: list[dict], stm: torch.Tensor, labels: torch.Tensor,
                    query_len: int) -> torch.Tensor:
-    """Balanced BCE (spec 5.4) of every layer's STM relevance [N] against labels [L, N]: (pos + neg) / 2."""
-    weights = []
-    for l, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
-        q = attn.query_proj(layer.input_layernorm(record[l]["layer_input"][:query_len].detach()))  # [T, d_s]
-        k = attn.key_proj(layer.input_layernorm(stm[l]))  # [N, d_s]
-        weights.append(torch.sigmoid(q @ k.t()).mean(0))  # [N]
-    w = torch.stack(weights)  # [L, N]
+    """The retriever's training loss (arXiv 2502.00592, section 3.2.2): -log p+ - log(1 - p-), as the official
+    balanced BCE of every layer's STM relevance [N] against labels [L, N] (True = written from the asked fact):
+    (mean over positives + mean over negatives) / 2. The queries are the question's layer inputs, detached."""
+    w = torch.stack([relevance(model.memory_queries(l, r["layer_input"][:query_len].detach()),  # [T, d_s]
+                               model.memory_keys(l, stm[l]))  # [N]
+                     for l, r in enumerate(record)])  # [L, N]
     pos = -torch.log(w[labels] + 1e-5).mean()
     neg = -torch.log(1 - w[~labels] + 1e-5).mean()
     return (pos + neg) / 2
@@ -108,10 +106,8 @@ def delayed_loss(model: MPlus, state, target: dict) -> tuple[torch.Tensor, torch
     """(answer loss, retriever loss) for a fact written earlier, read from the current memory as at generation."""
     sentence, mask, n_query = target["sentence"], target["targets"], target["query_len"]
     record: list[dict] = []
-    state.stm_kv = None  # recomputed with gradient into the read adapter and bos_embedding
-    logits = model._prefill(state, sentence, None, False, record, query_len=n_query)  # [1, T, V]
-    state.stm_kv = None
-    answer = F.cross_entropy(logits[0, :-1][mask[1:]], sentence[1:][mask[1:]])
+    logits = model.read_logits(state, sentence, query_len=n_query, record=record)  # [1, T, V], with gradient
+    answer = answer_loss(logits, sentence, mask)
     labels = torch.stack([copies_of(state.stm[l], target["block"][l]) for l in range(state.num_layers)])  # [L, N]
     if not labels.any():
         return answer, torch.zeros(())
@@ -164,7 +160,7 @@ def train(config: RecallConfig, *, max_steps: int | None = None, progress: bool 
     for step in bar:
         loss = torch.zeros(())
         if rng.random() < config.fact_ratio:
-            chunk, sentence, targets = fact_example(rng, tokenizer, config.filler_words)
+            chunk, sentence, targets = qa_training_example(rng, tokenizer, config.filler_words)
             fresh, delta = stage1_loss(model, state.stm, chunk, sentence, targets,
                                        fresh_only=rng.random() < config.fresh_ratio, g=g)
             loss = loss + fresh
@@ -173,7 +169,7 @@ def train(config: RecallConfig, *, max_steps: int | None = None, progress: bool 
         else:
             chunk = torch.tensor(tokenizer.encode(distractor_chunk(rng, config.chunk_words)).ids)
             with torch.no_grad():
-                delta = model.encode(state.stm, chunk)
+                delta = model.new_memory_block(state.stm, chunk)
         model.write(state, delta.detach(), state.generator)
         pending = [t for t in pending if step - t["step"] < config.max_delay]
         earlier = [t for t in pending if t["step"] < step]

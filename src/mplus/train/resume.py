@@ -30,14 +30,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mplus.formats.atomic import atomic_path
+from mplus.memory.ltm import LayerLTM
 from mplus.memory.state import MemoryState
 
 FILE, LEGACY_FILE = "train_state.safetensors", "train_state.pt"
 FORMAT, VERSION, META_KEY = "mplus-train-state", 1, "mplus_train_state"
 MOMENTS = ("exp_avg", "exp_avg_sq")
-PER_LAYER = ("ltm", "ltm_keys", "ltm_ages", "ltm_rf", "cache_rows", "cache_keys", "cache_ages")
-ROW_LEAD = {"ltm": "ltm", "ltm_keys": "ltm", "ltm_ages": "ltm", "ltm_rf": "ltm",  # a layer's LTM fields share
-            "cache_rows": "cache_rows", "cache_keys": "cache_rows", "cache_ages": "cache_rows"}  # a row count
 
 
 class TrainStateError(ValueError):
@@ -202,14 +200,14 @@ def _restore(tensors: dict[str, torch.Tensor], meta: dict, run: Run) -> None:
             meta["memory"]["update_step"], None
         m.generator.set_state(tensors["memory.generator"])
         if m.has_ltm:
-            for f in PER_LAYER:
-                setattr(m, f, [tensors[f"memory.{f}.{l}"] for l in range(m.num_layers)])
+            m.ltm = [LayerLTM.from_tensors(tensors, l, "memory.") for l in range(m.num_layers)]
 
 
 def _memory_tensors(state: MemoryState) -> dict[str, torch.Tensor]:
     out = {"memory.stm": state.stm, "memory.stm_ages": state.stm_ages, "memory.generator": state.generator.get_state()}
     if state.has_ltm:
-        out |= {f"memory.{f}.{l}": x for f in PER_LAYER for l, x in enumerate(getattr(state, f))}
+        for l, m in enumerate(state.ltm):
+            out |= m.tensors(l, "memory.")
     return out
 
 
@@ -221,11 +219,11 @@ def _memory_expected(template: MemoryState, tensors: dict[str, torch.Tensor]) ->
            "memory.generator": (torch.uint8, list(template.generator.get_state().shape))}
     if not template.has_ltm:
         return out
-    for l in range(template.num_layers):
-        for f in PER_LAYER:
-            like, lead = getattr(template, f)[l], tensors.get(f"memory.{ROW_LEAD[f]}.{l}")
+    for l, m in enumerate(template.ltm):
+        for name, like in m.tensors(l).items():  # the LTM's fields share the rows' count, the cache's theirs
+            lead = tensors.get(f"memory.{'cache_rows' if name.startswith('cache') else 'ltm'}.{l}")
             rows = lead.shape[0] if lead is not None and lead.ndim else None  # the lead's own count, any
-            out[f"memory.{f}.{l}"] = (like.dtype, [rows, *like.shape[1:]])
+            out[f"memory.{name}"] = (like.dtype, [rows, *like.shape[1:]])
     return out
 
 

@@ -73,7 +73,7 @@ class Stage1Config:
                        out=(path.parent / t["out"]).resolve())
 
 
-def fact_example(rng: random.Random, tokenizer: tokenizers.Tokenizer, filler_words: int, repeat_ratio: float = 0.0
+def qa_training_example(rng: random.Random, tokenizer: tokenizers.Tokenizer, filler_words: int, repeat_ratio: float = 0.0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chunk [n], sentence [T], targets [T] bool): a chunk ending in one fact, and its question + reply.
 
@@ -104,7 +104,7 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
     losses = []
     bar = tqdm(range(step, end), desc="stage 1", initial=step, total=config.steps, disable=not progress)
     for step in bar:
-        chunk, sentence, targets = fact_example(rng, tokenizer, config.filler_words, config.repeat_ratio)
+        chunk, sentence, targets = qa_training_example(rng, tokenizer, config.filler_words, config.repeat_ratio)
         loss, delta = stage1_loss(model, state.stm, chunk, sentence, targets,
                                   fresh_only=rng.random() < config.fresh_ratio, g=g,
                                   placement=config.placement)
