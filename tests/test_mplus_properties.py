@@ -5,7 +5,7 @@ Models: the tiny official checkpoint (L=3, N=32, K=8, K0=16, d=64, a merge every
 M+ / MemoryLLM models built with MPlus.from_llama around a tiny random Llama (N=16, K=4, K0=8, d=48).
 
 The model-level tests follow every row by its value: STM rows are random floats, so a row is identified by
-exact equality. A shadow of the LTM and the dropped-row cache, written here from the spec, is advanced with
+exact equality. A shadow of the LTM and the dropped-row cache, written here from the algorithm's description (docs/algorithm.md), is advanced with
 the rows seen to leave the STM and compared with the state after every update.
 """
 from __future__ import annotations

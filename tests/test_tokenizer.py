@@ -1,4 +1,4 @@
-"""mplus.llama.tokenizer: exact ids from the spec's independent references, chat templates, streaming decode, and
+"""mplus.llama.tokenizer: exact ids from independently recorded references, chat templates, streaming decode, and
 the Llama-3.1 tokenizer's authenticity (its ranks rebuilt into Meta's tokenizer.model)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mplus.formats.gguf import GGUFFile
 from mplus.llama.tokenizer import LLAMA3_DATE_HEADER, StreamDecoder, Tokenizer, TokenizerError, chatml_chat, llama3_chat
 
-# spec/real-artifacts.md §4.2
+# SmolLM2-135M tokenizer ids, written down independently of this code (checked against transformers' own GGUF tokenizer below)
 SMOLLM2_IDS = {
     "Hello world! The capital of France is Paris.": [19556, 905, 17, 378, 3575, 282, 4649, 314, 7042, 30],
     "In 2024, 12345 apples cost $3.50.": [788, 216, 34, 32, 34, 36, 28, 216, 33, 34, 35, 36, 37, 13855, 1708, 1885,
@@ -26,7 +26,7 @@ SMOLLM2_IDS = {
          2767, 30],
     "The capital of France is": [504, 3575, 282, 4649, 314],
 }
-# spec/real-artifacts.md §5.5 and spec/llama-numerics.md §1.8 (Meta's own test vectors), no specials added
+# Meta's own Llama-3 tokenizer test vectors (meta-llama/llama3 tests), no specials added
 LLAMA31_IDS = {
     "Hello world! The capital of France is Paris.": [9906, 1917, 0, 578, 6864, 315, 9822, 374, 12366, 13],
     "This is a test sentence.": [2028, 374, 264, 1296, 11914, 13],

@@ -1,5 +1,5 @@
 """Stages 2 and 3 in miniature: they run on a stage-1 model, train the retriever, are deterministic and resume
-exactly; the retriever's labels find the written rows; the BCE is the spec's balanced average; the retention
+exactly; the retriever's labels find the written rows; the BCE is the official balanced average (M+ §3.2.2); the retention
 benchmark and the demo run end to end on the trained model."""
 import math
 import subprocess

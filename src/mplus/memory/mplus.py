@@ -76,7 +76,7 @@ class MPlus(nn.Module):
         """Load an official-layout M+ or MemoryLLM folder (weights plus the memory stored with them).
 
         rope_bf16: round the RoPE inverse frequencies to bf16, as the official bf16 README path does by
-        casting the model twice (spec 9.1); needed for bit-parity with the released models run that way.
+        casting the model twice (docs/departures.md); needed for bit-parity with the released models run that way.
         """
         return mplus_checkpoint.load(cls, path, dtype, progress, rope_bf16)
 

@@ -16,6 +16,7 @@ Config (TOML, see configs/stage1-tiny.toml):
 
     stage = "memory1"
     [memory]  num_tokens, num_blocks, num_ltm_blocks, selector_hidden_dim, update_ltm_frequency, lora_r, lora_alpha,
+              question_template (how questions are asked, saved into the checkpoint for `mplus ask`),
               initial_rf_when_moving_stm_to_ltm (optional, default 10)
     [train]   base, seed, steps, lr, fresh_ratio, filler_words, out, repeat_ratio (optional, default 0.1),
               max_age, min_keep, ltm_ratio (Placement; optional, default: the recipe's),
@@ -63,7 +64,8 @@ class Stage1Config:
                                   num_ltm_blocks=m["num_ltm_blocks"], selector_hidden_dim=m["selector_hidden_dim"],
                                   update_ltm_frequency=m["update_ltm_frequency"], lora_r=m["lora_r"],
                                   lora_alpha=float(m["lora_alpha"]),
-                                  initial_rf_when_moving_stm_to_ltm=float(m.get("initial_rf_when_moving_stm_to_ltm", 10)))
+                                  initial_rf_when_moving_stm_to_ltm=float(m.get("initial_rf_when_moving_stm_to_ltm", 10)),
+                                  question_template=m.get("question_template"))
             return cls(memory=memory, base=(path.parent / t["base"]).resolve(), seed=t["seed"], steps=t["steps"],
                        lr=float(t["lr"]), fresh_ratio=float(t["fresh_ratio"]), filler_words=t["filler_words"],
                        repeat_ratio=float(t.get("repeat_ratio", 0.1)),
