@@ -25,18 +25,18 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
 
 
-def positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
-    return value
+def _bounded(parse: Callable[[str], float], ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse type: parse the text, then refuse a value outside the rule ("must be <rule>, got <value>")."""
+    def check(text: str):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value}")
-    return value
+positive_int = _bounded(_int, lambda v: v >= 1, "a whole number >= 1")
+non_negative_int = _bounded(_int, lambda v: v >= 0, "a whole number >= 0")
 
 
 def int_list(text: str) -> list[int]:
@@ -74,25 +74,9 @@ def _float(text: str) -> float:
     return value
 
 
-def positive_float(text: str) -> float:
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def temperature(text: str) -> float:
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {value}")
-    return value
-
-
-def probability_mass(text: str) -> float:
-    value = _float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = off), got {value}")
-    return value
+positive_float = _bounded(_float, lambda v: v > 0, "positive")
+temperature = _bounded(_float, lambda v: v >= 0, ">= 0 (0 = greedy)")
+probability_mass = _bounded(_float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
 
 
 def is_text(value: str) -> bool:
