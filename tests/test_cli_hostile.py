@@ -70,6 +70,13 @@ def test_generate_refuses_bad_arguments(llama_dir, capsys, flag, value):
     assert code == 2 and f"argument {flag}" in err, err
 
 
+@pytest.mark.parametrize("question", ["", "   "])
+def test_blank_question_is_refused(state_file, capsys, question):
+    # found by the long CLI fuzz: wrapped in the question template, a blank question was answered with exit 0
+    code, err = cli(["ask", question, "--state", str(state_file), "--model", str(TINY_MPLUS)], capsys)
+    assert code == 2 and "argument question: is empty" in err, err
+
+
 def test_model_that_is_not_a_folder_is_refused(llama_dir, capsys):
     code, err = cli(["generate", "--model", llama_dir / "config.json", "--prompt", "hi"], capsys)
     assert code == 2 and "argument --model" in err, err

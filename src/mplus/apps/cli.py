@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ask", help="answer a question from a memory state, streaming",
                        description="Generate an answer reading the memory (M+ retrieves from its long-term memory).")
-    p.add_argument("question", type=arg.text, help="the question text")
+    p.add_argument("question", type=arg.question, help="the question text")
     p.add_argument("--state", required=True, type=arg.output_file, help="memory state file (default: the model's own memory if absent)")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--raw", action="store_true",
@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model the state belongs to (checks it fits; needed for --question)")
     p.add_argument("--tokenizer", type=arg.input_path, help="tokenizer.json (default: the one in the model folder)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--question", type=arg.text, help="show the retrieval this question would make (asked as `mplus ask` asks it)")
+    p.add_argument("--question", type=arg.question, help="show the retrieval this question would make (asked as `mplus ask` asks it)")
     p.add_argument("--show", type=arg.positive_int, default=12, help="retrieved rows shown per layer (default 12)")
     _key_option(p)
     p.set_defaults(func=cmd_inspect)

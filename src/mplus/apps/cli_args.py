@@ -96,6 +96,13 @@ def text(value: str) -> str:
     return value
 
 
+def question(value: str) -> str:
+    """Non-empty text: a blank question would still be sent (wrapped in the question template) and answered."""
+    if not text(value).strip():
+        raise argparse.ArgumentTypeError("is empty; write the question to ask")
+    return value
+
+
 def input_file(value: str) -> Path:
     """An existing regular file to read."""
     path = Path(value)
