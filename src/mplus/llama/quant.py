@@ -27,6 +27,7 @@ from mplus.formats.safetensors import WeightsError
 
 SMALL_BATCH = 32  # rows up to which the int8 kernel beats dequantize + dense matmul (576 x 3072, one thread)
 SCALE_DTYPE = torch.bfloat16  # what the kernel multiplies by; s is rounded before q is computed from it
+ROWS_AT_ONCE = 1 << 20  # weights quantized per block on loading: the float temporaries stay ~4 MB
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,5 +134,7 @@ def load_quantized(model, folder: Path, targets: dict[str, Int8Linear], progress
             if weight.shape != target.weight.shape:
                 raise WeightsError(f"tensor '{name}' has shape {tuple(weight.shape)}, the model expects "
                                    f"{tuple(target.weight.shape)}")
-            q, s = quantize(weight)
-            target.weight.copy_(q), target.scales.copy_(s)
+            for start in range(0, weight.shape[0], max(1, ROWS_AT_ONCE // weight.shape[1])):
+                rows = slice(start, start + max(1, ROWS_AT_ONCE // weight.shape[1]))
+                q, s = quantize(weight[rows])
+                target.weight[rows].copy_(q), target.scales[rows].copy_(s)
