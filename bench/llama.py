@@ -1,11 +1,15 @@
 """Speed and loading-memory benchmark: mplus's hand-written Llama against transformers, same weights, same run.
 
-    python bench/llama.py [--model DIR] [--threads N] [--prefill 512] [--decode 128] [--repeats 5]
+    python bench/llama.py [--model DIR] [--threads N] [--prefill 512] [--decode 128] [--repeats 7]
 
-Prints prefill and decode speed of both (fp32, same thread count), their ratio, the decode speed as a fraction
-of this machine's memory-bandwidth roofline (bytes of weights read per token / measured read bandwidth), and
-the peak RSS while loading as a multiple of the weights' bytes above the interpreter's baseline. Timings are
-medians of --repeats runs. transformers is the reference here, so this script lives outside src/.
+Prints prefill and decode speed of mplus in fp32, bf16 and int8 (weight-only, per-channel scales, bf16
+activations; mplus.llama.quant) and of transformers in fp32 (same thread count), the speed-ups over
+transformers, each decode speed as a fraction of this machine's memory-bandwidth roofline (measured streaming
+read bandwidth / bytes of that variant's weights: the speed if a decode step did nothing but read every weight
+once), the change in mean NLL on a fixed text (bench/nll_text.txt) against mplus fp32, and the peak RSS while
+loading as a multiple of the weights' bytes above the interpreter's baseline. Timings are medians of
+--repeats runs, interleaved across the variants. transformers is the reference here, so this script lives
+outside src/.
 """
 from __future__ import annotations
 
@@ -23,8 +27,23 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from mplus import Llama  # noqa: E402
+from mplus import Llama, Tokenizer  # noqa: E402
 from mplus.apps.paths import smollm2_dir  # noqa: E402
+
+NLL_TEXT = Path(__file__).with_name("nll_text.txt")
+VARIANTS = {"mplus fp32": {}, "mplus bf16": {"dtype": torch.bfloat16},
+            "mplus int8": {"dtype": torch.bfloat16, "quantize": "int8"}}
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages behind the parameters and buffers (packed views and ties counted once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()]}
+    return sum(storages.values())
+
+
+def mean_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    return torch.nn.functional.cross_entropy(logits[0, :-1].double(), ids[0, 1:]).item()
 
 
 def read_bandwidth(repeats: int) -> float:
@@ -80,10 +99,10 @@ def status(key):  # VmHWM, unlike ru_maxrss, is not inherited from the parent ac
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
 which, folder = sys.argv[1], sys.argv[2]
-if which == "mplus":
+if which.startswith("mplus"):
     from mplus import Llama
     before = status("VmRSS")
-    model = Llama.from_pretrained(folder)
+    model = Llama.from_pretrained(folder, **({{"dtype": torch.bfloat16, "quantize": "int8"}} if which == "mplus int8" else {{}}))
 else:
     from transformers import LlamaForCausalLM
     before = status("VmRSS")
@@ -113,15 +132,21 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from transformers import LlamaForCausalLM
 
-    ours = Llama.from_pretrained(folder)
-    theirs = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = torch.randint(0, ours.config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(0))
+    models = {name: Llama.from_pretrained(folder, **kw) for name, kw in VARIANTS.items()}
+    models["transformers fp32"] = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    vocab = models["mplus fp32"].config.vocab_size
+    ids = torch.randint(0, vocab, (1, args.prefill), generator=torch.Generator().manual_seed(0))
     short = ids[:, :16]
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied weights counted once
+    sizes = {name: weight_bytes(m) for name, m in models.items()}
+    text_ids = torch.tensor([Tokenizer.from_file(folder).encode(NLL_TEXT.read_text())])  # [1, T]
+    with torch.inference_mode():
+        nll = {name: mean_nll(m(text_ids).float() if name.startswith("mplus") else m(text_ids).logits, text_ids)
+               for name, m in models.items()}
 
-    # Interleaved (ours, theirs, ours, ...) so that a slow spell of this shared machine hits both alike.
-    runs = {"mplus": (ours_runs(ours, ids, args.decode)[0], ours_runs(ours, short, args.decode)[1]),
-            "transformers": (hf_runs(theirs, ids, args.decode)[0], hf_runs(theirs, short, args.decode)[1])}
+    # Interleaved (one variant after another, repeat after repeat) so that a slow spell of this shared machine
+    # hits all alike.
+    runs = {name: (ours_runs(m, ids, args.decode)[0], ours_runs(m, short, args.decode)[1]) if name.startswith("mplus")
+            else (hf_runs(m, ids, args.decode)[0], hf_runs(m, short, args.decode)[1]) for name, m in models.items()}
     samples = {name: {"prefill_s": [], "decode_s": []} for name in runs}
     for prefill, decode in runs.values():  # warm-up
         prefill(), decode()
@@ -133,25 +158,26 @@ def main() -> int:
             samples[name]["decode_s"].append(decode())
     results = {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
     bandwidth = read_bandwidth(args.repeats)
-    roofline = bandwidth / weight_bytes  # tokens/s if every decode step only streamed the weights once
-    rss = {name: load_rss(name, folder, args.threads) for name in ("mplus", "transformers")}
+    rss = {name: load_rss(name, folder, args.threads) for name in ("mplus fp32", "mplus int8", "transformers")}
+    rss["transformers fp32"] = rss.pop("transformers")
 
-    print(f"model {folder} ({weight_bytes / 1e6:.0f} MB fp32 weights), {args.threads} threads, "
-          f"medians of {args.repeats}")
-    print(f"{'':14}{'prefill ' + str(args.prefill) + ' tok':>20}{'decode tok/s':>14}{'roofline':>10}{'load RSS/weights':>18}")
+    print(f"model {folder}, {args.threads} threads, medians of {args.repeats}; prefill {args.prefill} tokens, "
+          f"decode {args.decode} tokens after 16")
+    print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s (streaming sum over 512 MiB, best of {args.repeats})")
+    print(f"{'':18}{'weights':>9}{'prefill tok/s':>15}{'decode tok/s':>14}{'roofline':>10}{'of it':>7}"
+          f"{'NLL - fp32':>12}{'load RSS/weights':>18}")
     for name, r in results.items():
-        tps = args.decode / r["decode_s"]
-        load = (rss[name]["peak"] - rss[name]["before"]) / weight_bytes
-        print(f"{name:14}{r['prefill_s']:>18.3f} s{tps:>14.1f}{tps / roofline:>10.0%}{load:>17.2f}x")
-    print("(transformers memory-maps the file and reads weights lazily, so its RSS right after loading is small)")
-    m, t = results["mplus"], results["transformers"]
-    print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s -> decode roofline {roofline:.1f} tok/s")
-    print(f"speed-up over transformers (ratio of medians): prefill {t['prefill_s'] / m['prefill_s']:.2f}x, "
-          f"decode {t['decode_s'] / m['decode_s']:.2f}x")
-    pair = {k: statistics.median(a / b for a, b in zip(samples["transformers"][k], samples["mplus"][k]))
-            for k in ("prefill_s", "decode_s")}
-    print(f"speed-up over transformers (median of paired runs): prefill {pair['prefill_s']:.2f}x, "
-          f"decode {pair['decode_s']:.2f}x")
+        tps, roofline = args.decode / r["decode_s"], bandwidth / sizes[name]
+        load = f"{(rss[name]['peak'] - rss[name]['before']) / sizes[name]:.2f}x" if name in rss else "-"
+        print(f"{name:18}{sizes[name] / 1e6:>7.0f}MB{args.prefill / r['prefill_s']:>15.0f}{tps:>14.1f}"
+              f"{roofline:>10.1f}{tps / roofline:>7.0%}{nll[name] - nll['mplus fp32']:>+12.4f}{load:>18}")
+    print(f"(mean NLL of mplus fp32 on {NLL_TEXT.name}, {text_ids.shape[1]} tokens: {nll['mplus fp32']:.4f}; "
+          "transformers memory-maps the file and reads weights lazily, so its RSS right after loading is small)")
+    t = samples["transformers fp32"]
+    for name in VARIANTS:
+        pair = {k: statistics.median(a / b for a, b in zip(t[k], samples[name][k])) for k in ("prefill_s", "decode_s")}
+        print(f"{name} over transformers fp32 (median of paired runs): prefill {pair['prefill_s']:.2f}x, "
+              f"decode {pair['decode_s']:.2f}x")
     return 0
 
 

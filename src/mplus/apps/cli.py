@@ -11,7 +11,7 @@ import torch
 
 from mplus.apps import cli_args as arg
 from mplus.apps.cli_args import DTYPES, CliError, read_text
-from mplus.apps.cli_memory import cmd_ask, cmd_inject, cmd_inspect, holds_memory
+from mplus.apps.cli_memory import cmd_ask, cmd_inject, cmd_inspect, holds_memory, weight_dtype
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -40,7 +40,10 @@ def _load(args: argparse.Namespace):
         raise CliError(f"{folder} is an M+ (or MemoryLLM) checkpoint: write text into its memory with `mplus "
                        "inject` and ask with `mplus ask` (see `mplus inject --help`)")
     tokenizer = Tokenizer.from_file(args.tokenizer or folder)
-    model = Llama.from_pretrained(folder, dtype=DTYPES[args.dtype], progress=True)
+    if args.dtype == "int8":  # int8 weights, bfloat16 activations (see mplus.llama.quant)
+        model = Llama.from_pretrained(folder, dtype=torch.bfloat16, quantize="int8", progress=True)
+    else:
+        model = Llama.from_pretrained(folder, dtype=weight_dtype(args, folder), progress=True)
     tokenizer.check_model_vocab(model.config.vocab_size)
     return model, tokenizer
 
@@ -139,11 +142,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- parser
 
-def _model_options(p: argparse.ArgumentParser) -> None:
+DTYPE_HELP = "weight dtype (default: the torch_dtype of the model's config.json, float32 if it names none)"
+
+
+def _model_options(p: argparse.ArgumentParser, int8: bool = False) -> None:
     p.add_argument("--model", required=True, type=arg.model_folder,
                    help="HF-layout model folder (config.json, safetensors, tokenizer.json)")
     p.add_argument("--tokenizer", type=arg.input_path, help="tokenizer.json to use instead of the one in the model folder")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
+    p.add_argument("--dtype", choices=[*DTYPES, "int8"] if int8 else list(DTYPES), default=None,
+                   help=DTYPE_HELP + ("; int8: weights quantized per output channel on loading, bfloat16 "
+                                      "activations (a quarter of float32's memory)" if int8 else ""))
 
 
 def _key_option(p: argparse.ArgumentParser) -> None:
@@ -152,8 +160,8 @@ def _key_option(p: argparse.ArgumentParser) -> None:
                         "refuse a state not signed with them (docs/memory-files.md)")
 
 
-def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    _model_options(p)
+def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int, int8: bool = False) -> None:
+    _model_options(p, int8)
     p.add_argument("--max-new-tokens", type=arg.positive_int, default=max_new_tokens,
                    help=f"default {max_new_tokens}; capped by the model's positions (max_position_embeddings)")
     p.add_argument("--temperature", type=arg.temperature, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -188,13 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", type=arg.text, help="prompt text")
     source.add_argument("--prompt-file", type=arg.input_file, help="file holding the prompt text (UTF-8)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
-    _sampling_options(p, 64)
+    _sampling_options(p, 64, int8=True)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with an instruct model (Llama-3.1 or ChatML template)",
                        description="Chat on the terminal; the reply streams as it is generated.")
     p.add_argument("--system", type=arg.text, help="system message (default: the template's own)")
-    _sampling_options(p, 256)
+    _sampling_options(p, 256, int8=True)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inject", help="write text files into a memory state (M+ / MemoryLLM)",
@@ -233,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=arg.model_folder,
                    help="the model the state belongs to (checks it fits; needed for --question)")
     p.add_argument("--tokenizer", type=arg.input_path, help="tokenizer.json (default: the one in the model folder)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     p.add_argument("--question", type=arg.question, help="show the retrieval this question would make (asked as `mplus ask` asks it)")
     p.add_argument("--show", type=arg.positive_int, default=12, help="retrieved rows shown per layer (default 12)")
     _key_option(p)

@@ -21,6 +21,13 @@ def holds_memory(folder: Path) -> bool | None:
         return None
 
 
+def weight_dtype(args: argparse.Namespace, folder: Path) -> torch.dtype:
+    """--dtype if given, else the dtype the checkpoint's config.json declares (float32 if none): an 8B model
+    stored in bfloat16 then loads in 16 GB, not the 32 GB of float32."""
+    from mplus.llama.checkpoint import declared_dtype
+    return DTYPES[args.dtype] if args.dtype else declared_dtype(folder)
+
+
 def _load_memory_model(args: argparse.Namespace):
     from mplus.memory.mplus import MPlus
     from mplus.llama.tokenizer import Tokenizer
@@ -30,7 +37,7 @@ def _load_memory_model(args: argparse.Namespace):
                        "text with `mplus generate` or chat with `mplus chat`; for a memory, point at an M+ or "
                        "MemoryLLM folder (e.g. checkpoints/tiny-mplus)")
     tokenizer = Tokenizer.from_file(args.tokenizer or folder)
-    model = MPlus.from_pretrained(folder, dtype=DTYPES[args.dtype], progress=True)
+    model = MPlus.from_pretrained(folder, dtype=weight_dtype(args, folder), progress=True)
     tokenizer.check_model_vocab(model.config.vocab_size)
     return model, tokenizer
 

@@ -21,6 +21,11 @@ def project(linear: nn.Module, x: torch.Tensor, adapter: str | None) -> torch.Te
     return linear(x) if adapter is None else linear(x, adapter)
 
 
+def fused_linear(x: torch.Tensor, weight) -> torch.Tensor:
+    """x @ weight^T for a packed weight: a float tensor, or an int8 one (quant.Int8Weight, callable)."""
+    return F.linear(x, weight) if isinstance(weight, torch.Tensor) else weight(x)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x / rms(x)); statistics in fp32, cast back to x's dtype *before* the weight multiply (HF, Meta)."""
     x32 = x.float()
@@ -87,8 +92,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * D, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(self.n_heads * D, d, bias=False)
-        # Set by packing.pack_for_inference: q/k/v weights as one matrix, of which q/k/v_proj.weight are views.
-        self.qkv_weight: torch.Tensor | None = None
+        # Set by packing.pack_for_inference (or quant.quantize_layout): q/k/v weights as one matrix, of which
+        # q/k/v_proj.weight are views.
+        self.qkv_weight = None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -114,7 +120,7 @@ class Attention(nn.Module):
             q, k, v = (project(m, h, adapter) for m in (self.q_proj, self.k_proj, self.v_proj))  # [B, T, H D], [B, T, H_kv D] x 2
         else:
             kv_dim = self.n_kv_heads * self.head_dim
-            q, k, v = F.linear(h, self.qkv_weight).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
+            q, k, v = fused_linear(h, self.qkv_weight).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
         q = apply_rope(self._heads(q, self.n_heads), cos, sin)  # [B, H, T, D]
         k = apply_rope(self._heads(k, self.n_kv_heads), cos, sin)  # [B, H_kv, T, D]
         v = self._heads(v, self.n_kv_heads)  # [B, H_kv, T, D]
@@ -136,14 +142,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=False)
         self.up_proj = nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
-        # Set by packing.pack_for_inference: gate/up weights as one matrix, of which gate/up_proj.weight are views.
-        self.gate_up_weight: torch.Tensor | None = None
+        # Set by packing.pack_for_inference (or quant.quantize_layout): gate/up weights as one matrix, of which
+        # gate/up_proj.weight are views.
+        self.gate_up_weight = None
 
     def forward(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
         if self.gate_up_weight is None:
             gate, up = project(self.gate_proj, x, adapter), project(self.up_proj, x, adapter)  # [B, T, f] each
         else:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # [B, T, f] each
+            gate, up = fused_linear(x, self.gate_up_weight).chunk(2, dim=-1)  # [B, T, f] each
         if torch.is_grad_enabled():
             hidden = F.silu(gate) * up  # [B, T, f]
         else:  # inference: reuse gate's buffer instead of allocating two more [B, T, f] tensors

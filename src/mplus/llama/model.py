@@ -85,13 +85,15 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
-                        packed: bool = True) -> "Llama":
+                        packed: bool = True, quantize: str | None = None) -> "Llama":
         """Load a HF-layout folder (config.json + model.safetensors or a sharded index) for inference.
 
         packed: lay the weights out for fast CPU decoding (see packing.py); False keeps plain row-major weights.
+        quantize="int8": int8 weight-only projections and lm_head, one scale per output channel (see quant.py);
+        dtype is then that of the activations, norms and cache (bfloat16 suits the int8 kernel best).
         """
         from mplus.llama.checkpoint import load_model
-        return load_model(cls, path, dtype=dtype, progress=progress, packed=packed)
+        return load_model(cls, path, dtype=dtype, progress=progress, packed=packed, quantize=quantize)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
         from mplus.llama.checkpoint import save_model
