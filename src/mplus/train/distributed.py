@@ -106,6 +106,12 @@ def gather(local: torch.Tensor, world: World) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def barrier(world: World) -> None:
+    """Wait until every process reaches this point (a no-op for one process)."""
+    if world.size > 1:
+        dist.barrier()
+
+
 def total(value: float, world: World) -> float:
     """The sum of a float over the processes (float64, so a reported loss does not depend on the order)."""
     if world.size == 1:
