@@ -11,7 +11,7 @@ A config is a small TOML file (see configs/base-tiny.toml):
     stage = "base"
     [model]   hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size,
               vocab_size, max_position_embeddings
-    [train]   seed, steps, batch_size, seq_len, lr, warmup, weight_decay, corpus_docs, out,
+    [train]   seed, steps, batch_size (the global batch under torchrun: docs/distributed.md), seq_len, lr, warmup, weight_decay, corpus_docs, out,
               answer_weight (optional, default 1), repeat_ratio (optional, default 0.3: documents that are a
               story followed by "Repeat:" and the story again), single_fact_ratio (optional, default 0: documents
               that are one fact ending a filler paragraph, then its question: see facts.single_fact_document),
@@ -39,6 +39,7 @@ from mplus.llama.config import ConfigError, LlamaConfig, RopeScaling
 from mplus.data.facts import corpus
 from mplus.llama.model import Llama
 from mplus.data.bpe import save_tokenizer, train_tokenizer
+from mplus.train.distributed import barrier, shard, start, sum_gradients, total
 from mplus.train.resume import Run, resume, save
 
 EOS = 1  # tokenizer_train's <|eos|>
@@ -150,10 +151,17 @@ def train(config: BaseTrainConfig, *, max_steps: int | None = None, progress: bo
     """Run (or resume) the base pretraining; returns the loss of every step run now.
 
     max_steps stops early (for tests and resumable runs); the checkpoint then holds the state to go on.
+    Under torchrun each process computes its share of every batch (train.distributed, docs/distributed.md) and
+    only the main process writes.
     """
+    world = start()
+    rows = shard(config.batch_size, world)
+    rows = slice(rows.start, rows.stop)
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     tok_path = out / "tokenizer.json"
+    if not world.main:
+        barrier(world)  # the main process trains and saves the tokenizer (or finds it), then the others read it
     if tok_path.exists():
         import tokenizers
         tokenizer = tokenizers.Tokenizer.from_file(str(tok_path))
@@ -161,6 +169,8 @@ def train(config: BaseTrainConfig, *, max_steps: int | None = None, progress: bo
         docs = corpus(config.seed, config.corpus_docs, config.repeat_ratio, config.single_fact_ratio, 0)
         tokenizer = train_tokenizer(docs, vocab_size=config.model.vocab_size)
         save_tokenizer(tokenizer, tok_path)
+    if world.main:
+        barrier(world)
     # Copying emerges on facts right before their question; the gap then teaches it to reach further back.
     near = token_stream(config, tokenizer, 0)
     far = token_stream(config, tokenizer, config.gap_words) if config.gap_words else near
@@ -171,22 +181,26 @@ def train(config: BaseTrainConfig, *, max_steps: int | None = None, progress: bo
     step, _ = resume(out, run, config.steps)
     end = config.steps if max_steps is None else min(config.steps, step + max_steps)
     losses = []
-    bar = tqdm(range(step, end), desc="base pretraining", initial=step, total=config.steps, disable=not progress)
+    bar = tqdm(range(step, end), desc="base pretraining", initial=step, total=config.steps,
+               disable=not (progress and world.main))
     for step in bar:
         for group in optim.param_groups:
             group["lr"] = lr_at(step, config)
         ids, w = batch(*(far if step >= config.gap_from_step else near), config, g)  # [B, T + 1] each
-        logits = model(ids[:, :-1])  # [B, T, V]
-        token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-        loss = (token_loss * w[:, 1:].flatten()).sum() / w[:, 1:].sum()
+        logits = model(ids[rows, :-1])  # [b, T, V]: this process's rows (all B in one process)
+        token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[rows, 1:].flatten(),
+                                                       reduction="none")
+        loss = (token_loss * w[rows, 1:].flatten()).sum() / w[:, 1:].sum()  # its share of the batch's mean
         optim.zero_grad(set_to_none=True)
         loss.backward()
+        sum_gradients(list(model.parameters()), world)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
-        losses.append(loss.item())
+        losses.append(total(loss.item(), world))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    save(out, run, end)
-    if end == config.steps:
-        model.save_pretrained(out)
+    if world.main:
+        save(out, run, end)
+        if end == config.steps:
+            model.save_pretrained(out)
     return losses
 

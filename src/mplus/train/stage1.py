@@ -20,7 +20,12 @@ Config (TOML, see configs/stage1-tiny.toml):
               initial_rf_when_moving_stm_to_ltm (optional, default 10)
     [train]   base, seed, steps, lr, fresh_ratio, filler_words, out, repeat_ratio (optional, default 0.1),
               max_age, min_keep, ltm_ratio (Placement; optional, default: the recipe's),
-              stm_filler_words (optional, default 0: the recipe's)
+              stm_filler_words (optional, default 0: the recipe's),
+              batch (optional, default 1: examples per step, their losses averaged; under torchrun each
+              process computes its share, see train.distributed and docs/distributed.md)
+
+A batch of B examples all read the step's starting memory; afterwards their B blocks (or B filler chunks)
+are written in order, so the memory moves on by one write per example, as with batch 1.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from mplus.data.facts import distractor_chunk, fact_paragraph, qa_prompt, recall
 from mplus.memory.config import MemoryConfig
 from mplus.memory.mplus import MPlus
 from mplus.train.base import config_fields, read_stage_config
+from mplus.train.distributed import gather, shard, start, sum_gradients, total
 from mplus.train.memory import Placement, stage1_loss, trainable_parameters
 from mplus.train.resume import Run, named, resume, save
 
@@ -53,6 +59,7 @@ class Stage1Config:
     repeat_ratio: float = 0.1
     placement: Placement = Placement()
     stm_filler_words: int = 0
+    batch: int = 1
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "Stage1Config":
@@ -71,7 +78,7 @@ class Stage1Config:
                        repeat_ratio=float(t.get("repeat_ratio", 0.1)),
                        placement=Placement(max_age=int(t.get("max_age", 0)), min_keep=float(t.get("min_keep", 1.0)),
                                            ltm_ratio=float(t.get("ltm_ratio", 0.0))),
-                       stm_filler_words=int(t.get("stm_filler_words", 0)),
+                       stm_filler_words=int(t.get("stm_filler_words", 0)), batch=int(t.get("batch", 1)),
                        out=(path.parent / t["out"]).resolve())
 
 
@@ -91,7 +98,10 @@ def qa_training_example(rng: random.Random, tokenizer: tokenizers.Tokenizer, fil
 
 
 def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool = True) -> list[float]:
-    """Run (or resume) stage 1; returns the losses of the steps run now. Writes an official-layout M+ folder."""
+    """Run (or resume) stage 1; returns the losses of the steps run now (each the mean over the global batch).
+    Writes an official-layout M+ folder. Under torchrun only the main process writes or shows progress."""
+    world = start()
+    mine = shard(config.batch, world)
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizers.Tokenizer.from_file(str(config.base / "tokenizer.json"))
@@ -104,25 +114,38 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
     step, _ = resume(out, run, config.steps)
     end = config.steps if max_steps is None else min(config.steps, step + max_steps)
     losses = []
-    bar = tqdm(range(step, end), desc="stage 1", initial=step, total=config.steps, disable=not progress)
+    bar = tqdm(range(step, end), desc="stage 1", initial=step, total=config.steps,
+               disable=not (progress and world.main))
     for step in bar:
-        chunk, sentence, targets = qa_training_example(rng, tokenizer, config.filler_words, config.repeat_ratio)
-        loss, delta = stage1_loss(model, state.stm, chunk, sentence, targets,
-                                  fresh_only=rng.random() < config.fresh_ratio, g=g,
-                                  placement=config.placement)
+        # Every process draws the whole global batch (cheap: text and token ids) so the streams stay in step.
+        examples = [(qa_training_example(rng, tokenizer, config.filler_words, config.repeat_ratio),
+                     rng.random() < config.fresh_ratio) for _ in range(config.batch)]
+        # One example uses g itself (the batch-1 run is unchanged); in a batch each gets its own generator,
+        # seeded from g, so its draws do not depend on which process computes it.
+        gens = [g] if config.batch == 1 else \
+            [torch.Generator().manual_seed(int(torch.randint(2 ** 62, (), generator=g))) for _ in examples]
         optim.zero_grad(set_to_none=True)
-        loss.backward()
+        local, deltas = 0.0, []
+        for i in mine:
+            (chunk, sentence, targets), fresh_only = examples[i]
+            loss, delta = stage1_loss(model, state.stm, chunk, sentence, targets, fresh_only=fresh_only, g=gens[i],
+                                      placement=config.placement)
+            (loss / config.batch).backward()  # the global batch's mean; backward per example frees its graph
+            local += loss.item() / config.batch if config.batch > 1 else loss.item()
+            deltas.append(delta.detach())
+        sum_gradients(params, world)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
-        if config.stm_filler_words:  # the STM holds filler only: the block will sit among filler rows
+        for block in ([] if config.stm_filler_words else gather(torch.stack(deltas), world)):  # [B, L, K, d]
+            model.write(state, block, state.generator)  # the memory evolves as at inference
+        for _ in range(config.batch if config.stm_filler_words else 0):  # the block will sit among filler rows
             model.inject(state, tokenizer.encode(distractor_chunk(rng, config.stm_filler_words)).ids, allow_short=True)
-        else:
-            model.write(state, delta.detach(), state.generator)  # the memory evolves as at inference
-        losses.append(loss.item())
+        losses.append(total(local, world))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    save(out, run, end)
-    if end == config.steps:
-        model.checkpoint_state.stm = state.stm.detach().clone()
-        model.save_pretrained(out)
-        (out / "tokenizer.json").write_bytes((config.base / "tokenizer.json").read_bytes())
+    if world.main:
+        save(out, run, end)
+        if end == config.steps:
+            model.checkpoint_state.stm = state.stm.detach().clone()
+            model.save_pretrained(out)
+            (out / "tokenizer.json").write_bytes((config.base / "tokenizer.json").read_bytes())
     return losses
