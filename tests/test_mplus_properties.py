@@ -114,7 +114,8 @@ def test_write_block_keeps_survivor_order_and_appends_the_block(n_k, seed):
     ages = torch.randint(0, 1000, (n,), generator=g)
     new = -1 - torch.arange(k, dtype=torch.float32)[:, None].repeat(1, 3)
     kept, _ = draw_drop(n, k, g)
-    rows, row_ages = write_block(stm, ages, new, kept)
+    rows, row_ages = stm.clone(), ages.clone()
+    write_block(rows, row_ages, new, kept)  # in place
     assert rows.shape == stm.shape and row_ages.shape == ages.shape
     assert torch.equal(rows[:n - k, 0].long(), kept)  # survivors, in their old (ascending) order
     assert torch.equal(rows[n - k:], new)
@@ -581,6 +582,10 @@ def test_bench_memory_runs(capsys):
     assert main(["--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--intermediate", "64",
                  "--vocab", "64", "--k", "4", "--stm-blocks", "4", "--ltm-blocks", "2", "--ltm-rows", "16",
                  "--selector-dim", "8", "--questions", "2", "--prompt-len", "5", "--new-tokens", "3",
-                 "--sizes", "100,1000", "--queries", "4", "--k0", "8", "--repeats", "1"]) == 0
+                 "--sizes", "100,1000", "--queries", "4", "--k0", "8", "--repeats", "1",
+                 "--mid-layers", "2", "--mid-hidden", "32", "--mid-intermediate", "64", "--mid-k", "4",
+                 "--mid-stm-blocks", "4", "--mid-ltm-blocks", "2", "--mid-ltm-rows", "40", "--chunk-len", "16",
+                 "--sweep-layers", "1", "--sweep-k0", "16", "--sweep-sizes", "20,200"]) == 0
     out = capsys.readouterr().out
     assert "answers identical on both paths: yes" in out and "speed-up" in out and "ms per 10^6 rows" in out
+    assert "answer, repeated question" in out and "gather the K0 rows" in out and "key scoring ms" in out

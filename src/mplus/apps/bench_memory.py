@@ -5,6 +5,8 @@
    every question (state.stm_kv cleared before each). Both paths retrieve K0 LTM rows per layer per question.
 2. Retrieval time against LTM size: retriever.select (relevance of every LTM key for the prompt's queries, top
    K0, oldest-first order) on one layer, for LTM sizes 10^3..10^6 rows: linear in the number of rows.
+3. and 4. (mplus.apps.bench_memory_ops): ms per inject, first and repeated question on a mid-size M+ with the
+   breakdown of a question; the single-question forward at K0 2560 against LTM size.
 
 Ratios are measured in the same run; timings are medians of --repeats runs.
 """
@@ -22,7 +24,8 @@ from mplus.apps import cli_args as arg
 from mplus.llama.config import LlamaConfig, RopeScaling
 from mplus.memory.config import MemoryConfig
 from mplus.llama.model import Llama
-from mplus.memory.ltm import LayerLTM
+from mplus.apps import bench_memory_ops as ops
+from mplus.memory.ltm import DroppedRows, LayerLTM
 from mplus.memory.retriever import select
 
 
@@ -117,16 +120,18 @@ def bench_retrieval(args: argparse.Namespace) -> None:
     for size in args.sizes:
         keys = torch.randn(size, d_s, generator=g)  # [S, d_s]
         ages = torch.randint(0, 10**6, (size,), generator=g)  # [S]
+        ltm = LayerLTM(torch.zeros(size, 0), keys, ages, torch.ones(size, dtype=torch.float64),
+                       DroppedRows(torch.zeros(0, 0), keys[:0], ages[:0]))  # `size` rows (no hidden states), no cache
         with torch.inference_mode():
-            select(queries, keys, ages, size, args.k0)  # warm-up: an LTM of `size` rows, no cached rows
+            select(queries, ltm, args.k0)  # warm-up
             times = []
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
-                select(queries, keys, ages, size, args.k0)
+                select(queries, ltm, args.k0)
                 times.append(time.perf_counter() - t0)
         ms = statistics.median(times) * 1e3
         print(f"   {size:>10}{ms:>12.2f}{ms / size * 1e6:>20.1f}")
-        del keys, ages
+        del keys, ages, ltm
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -158,9 +163,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="runs per timing (the median is printed)")
     p.add_argument("--threads", type=arg.positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=arg.seed_type(2**63 - 3), default=0, help="seeds the weights and the inputs")
-    p.add_argument("--skip", choices=("generation", "retrieval"), action="append", default=[],
-                   help="leave out one of the two measurements")
+    ops.add_arguments(p)
+    p.add_argument("--skip", choices=("generation", "retrieval", "operations", "sweep"), action="append", default=[],
+                   help="leave out one of the four measurements (repeatable)")
     args = p.parse_args(argv)
+    ops.check_arguments(p, args)
     for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "k", "stm_blocks", "ltm_blocks",
                  "selector_dim", "questions", "prompt_len", "queries", "k0", "repeats"):
         if getattr(args, name) <= 0:
@@ -184,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         bench_generation(args)
     if "retrieval" not in args.skip:
         bench_retrieval(args)
+    if "operations" not in args.skip:
+        ops.bench_operations(args, build_mplus)
+    if "sweep" not in args.skip:
+        ops.bench_ltm_sweep(args, build_mplus)
     return 0
 
 

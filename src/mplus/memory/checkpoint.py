@@ -104,6 +104,33 @@ def _stored_state(model, folder: Path) -> MemoryState:
                      [x.to(model.dtype).float().double() for x in per("ltm_recall_frequencies")])
 
 
+DRAW_CHUNK = 2**18  # values drawn at a time: a 1 MB fp32 temporary, whatever the memory's size
+
+
+def draw_normal(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator,
+                chunk: int = DRAW_CHUNK) -> torch.Tensor:
+    """N(0, 1) values of `shape` in `dtype`, equal to torch.randn(shape, generator=g).to(dtype), drawn chunk by chunk.
+
+    The memory of the released 8B is 1.3 G values: drawing it whole in fp32 before casting to bf16 would need
+    5.4 GB more than the result. PyTorch's CPU normal sampler fills blocks of 16 values from the generator in
+    order, so chunks of a multiple of 16 values (the last one at least 16) give the very same numbers as one draw;
+    fp32 chunks are drawn straight into the result, others through a chunk-sized fp32 buffer.
+    """
+    out = torch.empty(shape, dtype=dtype)
+    flat, n = out.view(-1), out.numel()
+    step = max(16, chunk - chunk % 16)
+    edges = list(range(0, n, step))
+    if len(edges) > 1 and n - edges[-1] < 16:  # a short tail would be drawn differently from the whole: join it
+        edges.pop()
+    buffer = None if dtype == torch.float32 else torch.empty(min(n, step + 15), dtype=torch.float32)
+    for start, end in zip(edges, edges[1:] + [n]):
+        if buffer is None:
+            flat[start:end].normal_(generator=g)
+        else:
+            flat[start:end] = buffer[:end - start].normal_(generator=g)
+    return out
+
+
 def from_llama(cls, path: str | Path, memory: MemoryConfig, seed: int, dtype: torch.dtype):
     """A new memory model around a plain Llama folder, initialised as the official training recipe does."""
     folder = Path(path)
@@ -132,7 +159,7 @@ def from_llama(cls, path: str | Path, memory: MemoryConfig, seed: int, dtype: to
         model.bos_embedding.copy_(model.model.embed_tokens.weight[config.bos_token_id].expand_as(model.bos_embedding))
         model.new_memory_positional_emb.zero_()
     n_layers, d = config.num_hidden_layers, config.hidden_size
-    stm = torch.randn(n_layers, memory.stm_size, d, generator=g).to(dtype)
+    stm = draw_normal((n_layers, memory.stm_size, d), dtype, g)  # [L, N, d]
     if memory.kind == "mplus":  # an empty long-term memory
         empty = [[torch.zeros(shape, dtype=t) for _ in range(n_layers)] for shape, t in
                  (((0, d), dtype), ((0, memory.selector_hidden_dim), dtype), ((0,), torch.long), ((0,), torch.float64))]

@@ -70,16 +70,26 @@ class LayerLTM:
         return LayerLTM(self.rows.clone(), self.keys.clone(), self.ages.clone(), self.rf.clone(), self.cache.copy())
 
     def pool(self, field: str = "rows") -> torch.Tensor:
-        """The retrieval candidates [LTM; cache] of one field ("rows" [S + c, d], "keys" [S + c, d_s], "ages")."""
-        mine = getattr(self, field)
-        return torch.cat((mine, getattr(self.cache, field).to(mine.dtype)))
+        """The retrieval candidates [LTM; cache] of one field ("rows" [S + c, d], "keys" [S + c, d_s], "ages"), as
+        one new tensor: for inspection; answering reads only pool_slice and at."""
+        return self.pool_slice(field, 0, len(self) + len(self.cache))
 
-    def rows_at(self, picks: torch.Tensor) -> torch.Tensor:
-        """Rows [r, d] at pool indices picks [r] (0..S-1 LTM rows, S.. cached rows), without building the pool."""
-        S, in_cache = len(self), picks >= len(self)
-        out = self.rows.new_empty(picks.shape[0], self.rows.shape[1])  # [r, d]
-        out[~in_cache] = self.rows[picks[~in_cache]]
-        out[in_cache] = self.cache.rows[picks[in_cache] - S].to(self.rows.dtype)
+    def pool_slice(self, field: str, start: int, end: int) -> torch.Tensor:
+        """Pool rows start..end-1 of one field; only a range across the LTM/cache boundary is copied."""
+        mine, cached, S = getattr(self, field), getattr(self.cache, field), len(self)
+        if end <= S:
+            return mine[start:end]
+        if start >= S:
+            return cached[start - S:end - S].to(mine.dtype)
+        return torch.cat((mine[start:], cached[:end - S].to(mine.dtype)))
+
+    def at(self, field: str, picks: torch.Tensor) -> torch.Tensor:
+        """One field at pool indices picks [r] (0..S-1 LTM rows, S.. cached rows): [r, ...], gathering just those
+        rows, never the whole pool."""
+        mine, cached, in_cache = getattr(self, field), getattr(self.cache, field), picks >= len(self)
+        out = mine.new_empty((picks.shape[0], *mine.shape[1:]))  # [r, ...]
+        out[~in_cache] = mine[picks[~in_cache]]
+        out[in_cache] = cached[picks[in_cache] - len(self)].to(mine.dtype)
         return out
 
     def tensors(self, l: int, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ Notation: L layers, T tokens, N STM rows, K rows per update, K0 retrieved rows, 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -89,9 +90,17 @@ class MPlus(nn.Module):
         return mplus_checkpoint.from_llama(cls, path, memory, seed, dtype)
 
     def initial_state(self, seed: int = 0) -> MemoryState:
-        """A copy of the memory stored with the weights; `seed` seeds the generator of its STM drops."""
-        state = self.checkpoint_state.copy()
-        state.generator.manual_seed(seed)
+        """The memory stored with the weights, as a new state; `seed` seeds the generator of its STM drops.
+
+        The state shares the stored tensors instead of copying them (at the released 8B sizes the STM alone is
+        2.7 GB in bf16): questions read them as they are, and the first write gives the state an STM of its own
+        (MemoryState.shares_memory), so the stored memory never changes. copy() makes a fully independent state.
+        """
+        stored = self.checkpoint_state
+        state = MemoryState(stm=stored.stm, stm_ages=stored.stm_ages, update_step=stored.update_step,
+                            ltm=None if stored.ltm is None else [dataclasses.replace(m) for m in stored.ltm],
+                            generator=torch.Generator().manual_seed(seed), initialized=stored.initialized,
+                            shares_memory=True)
         state.weights = weights_fingerprint(self)  # saved with the state: a load into other weights is refused
         return state
 
@@ -349,8 +358,8 @@ class MPlus(nn.Module):
 
     @torch.no_grad()
     def write(self, state: MemoryState, block: torch.Tensor, g: torch.Generator) -> None:
-        """Write a new block [L, K, d] into the memory: drop_and_append in the STM (layer 0 drawn first); M+ then
-        caches the dropped rows with their keys (cache_dropped_rows) and merges the cache into the LTM every
+        """Write a new block [L, K, d] into the memory: drop_and_append in the STM, in place (layer 0 drawn first);
+        M+ then caches the dropped rows with their keys (cache_dropped_rows) and merges the cache into the LTM every
         update_ltm_frequency updates (merge_into_ltm). MemoryLLM forgets the dropped rows.
 
         An uninitialized MemoryLLM state instead becomes the block tiled over all N rows, with no random draw.
@@ -358,10 +367,13 @@ class MPlus(nn.Module):
         mem = self.memory_config
         if not state.initialized:
             stm, state.stm_ages = first_write(block, mem.stm_size, state.stm_ages.dtype)
-            state.stm, state.stm_kv, state.initialized = stm.to(state.stm.dtype), None, True
+            state.stm, state.stm_kv, state.initialized, state.shares_memory = stm.to(state.stm.dtype), None, True, False
             return
-        state.stm, state.stm_ages, dropped, dropped_ages = drop_and_append(
-            state.stm, state.stm_ages, block, g, per_layer=mem.drop_memory_per_layer)
+        out = (torch.empty_like(state.stm), torch.empty_like(state.stm_ages)) if state.shares_memory else None
+        dropped, dropped_ages = drop_and_append(state.stm, state.stm_ages, block, g,
+                                                per_layer=mem.drop_memory_per_layer, out=out)
+        if out is not None:  # the stored memory stays as it was; from now on the state writes its own STM in place
+            state.stm, state.stm_ages, state.shares_memory = *out, False
         state.stm_kv = None  # the [bos; STM] keys/values of the old memory
         if not state.has_ltm:
             return

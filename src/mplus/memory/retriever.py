@@ -29,18 +29,37 @@ def relevance(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(queries @ keys.t()).mean(0)  # [S]
 
 
-def select(queries: torch.Tensor | None, keys: torch.Tensor, ages: torch.Tensor, n_ltm: int, k0: int) -> torch.Tensor:
-    """Pool indices [r] of the rows to feed, in feeding order, for a pool [LTM; cache] with keys [S + c, d_s] and
-    ages [S + c] whose first n_ltm rows are the LTM.
+# Keys scored at a time: the temporaries are [SCORE_BLOCK, d_s] keys (only where a block spans the LTM and the cache)
+# and [T, SCORE_BLOCK] scores, whatever the LTM's size. A multiple of 64, so that every block's reductions split the
+# columns as one block over the whole pool does: the scores, hence the picks, are the same to the bit.
+SCORE_BLOCK = 65536
 
-    With at least K0 LTM rows: the top K0 by relevance over the whole pool, taken in storage order, then
-    ordered oldest first. With fewer: the cyclic fill of the LTM alone (no scoring, the cache ignored).
+
+def pool_relevance(queries: torch.Tensor, ltm: LayerLTM, block: int = SCORE_BLOCK) -> torch.Tensor:
+    """relevance [S + c] of every row of the pool [LTM; cache] for queries [T, d_s], block rows at a time, without
+    concatenating the pool's keys."""
+    if block % 64:
+        raise ValueError(f"the scoring block must be a multiple of 64 rows, not {block}")
+    n = len(ltm) + len(ltm.cache)
+    out = None
+    for start in range(0, n, block):
+        scores = relevance(queries, ltm.pool_slice("keys", start, min(n, start + block)))  # [<= block]
+        out = scores.new_empty(n) if out is None else out  # [S + c]
+        out[start:start + scores.shape[0]] = scores
+    return out
+
+
+def select(queries: torch.Tensor | None, ltm: LayerLTM, k0: int, block: int = SCORE_BLOCK) -> torch.Tensor:
+    """Pool indices [r] of the rows of the pool [LTM; cache] to feed, in feeding order, for queries [T, d_s].
+
+    With at least K0 LTM rows: the top K0 by relevance over the whole pool (pool_relevance), taken in storage order,
+    then ordered oldest first. With fewer: the cyclic fill of the LTM alone (no scoring, the cache ignored).
     """
-    if n_ltm < k0:
-        picks = cyclic_candidates(n_ltm, k0)  # [r]
+    if len(ltm) < k0:
+        picks = cyclic_candidates(len(ltm), k0)  # [r]
     else:
-        picks = relevance(queries, keys).topk(k0).indices.sort().values  # [K0] in storage order
-    return picks[order_by_age(ages[picks])]
+        picks = pool_relevance(queries, ltm, block).topk(k0).indices.sort().values  # [K0] in storage order
+    return picks[order_by_age(ltm.at("ages", picks))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +95,10 @@ class Retrieved:
 
 def retrieve(queries: torch.Tensor, ltm: LayerLTM, k0: int) -> Retrieved:
     """Retrieval of M+ (arXiv 2502.00592, section 3.2.2) in one layer: the K0 rows of the pool [LTM; cache] most
-    relevant to the prompt's queries [T, d_s] (f_q of its layer inputs), fed oldest first (see select)."""
-    ages = ltm.pool("ages")  # [S + c]
-    picks = select(queries, ltm.pool("keys") if len(ltm) >= k0 else ltm.keys, ages, len(ltm), k0)  # [r]
-    return Retrieved(rows=ltm.rows_at(picks), ages=ages[picks], picks=picks, n_ltm=len(ltm))
+    relevant to the prompt's queries [T, d_s] (f_q of its layer inputs), fed oldest first (see select); only
+    the K0 picked rows are gathered."""
+    picks = select(queries, ltm, k0)  # [r]
+    return Retrieved(rows=ltm.at("rows", picks), ages=ltm.at("ages", picks), picks=picks, n_ltm=len(ltm))
 
 
 def nothing_retrieved(d: int, dtype: torch.dtype) -> Retrieved:

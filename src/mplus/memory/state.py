@@ -45,6 +45,10 @@ class MemoryState:
     # Derived, never saved: the [bos; STM] keys/values of the read prefix, as one model computed them, valid until
     # the next update (mplus.memory.prefix).
     stm_kv: PrefixCache | None = None
+    # Never saved: the STM and LTM tensors are the model's stored memory itself (MPlus.initial_state hands them out
+    # without copying). Writes never change LTM tensors in place; the first write gives the state an STM of its
+    # own (mplus.memory.stm.drop_and_append with out=...), after which writes update it in place.
+    shares_memory: bool = False
 
     @property
     def has_ltm(self) -> bool:
@@ -63,7 +67,7 @@ class MemoryState:
                 f"update_step {self.update_step}{'' if self.initialized else ', not yet written'})")
 
     def copy(self) -> "MemoryState":
-        """An independent deep copy (tensors cloned, generator state duplicated)."""
+        """An independent deep copy (tensors cloned, generator state duplicated), its STM its own."""
         g = torch.Generator()
         g.set_state(self.generator.get_state())
         return MemoryState(stm=self.stm.clone(), stm_ages=self.stm_ages.clone(),

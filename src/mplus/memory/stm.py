@@ -35,35 +35,43 @@ def tile_index(n_rows: int, n: int) -> torch.Tensor:
     return torch.cat((torch.arange(n).repeat(n_rows // n), torch.arange(n - n_rows % n, n)))  # [N]
 
 
-def write_block(stm: torch.Tensor, ages: torch.Tensor, new: torch.Tensor, kept: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's STM after an update: survivors in their old order, then the K new rows.
+def write_block(stm: torch.Tensor, ages: torch.Tensor, new: torch.Tensor, kept: torch.Tensor,
+                out: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """One layer's STM after an update, written in place (or into out): survivors in their old order, then the
+    K new rows.
 
-    stm [N, d], ages [N], new [K, d] -> stm [N, d], ages [N]. New rows get ages K-1, ..., 0 (the last written is
-    the youngest); survivors keep their ages, which inference never advances (official behaviour).
+    stm [N, d], ages [N], new [K, d], kept [N-K] ascending. The survivors move down over the dropped slots (a
+    temporary of one layer's survivors, never of the whole STM); the block fills the last K slots. New rows get
+    ages K-1, ..., 0 (the last written is the youngest); survivors keep their ages, which inference never advances
+    (official behaviour). out: (stm [N, d], ages [N]) to write into instead of stm and ages themselves.
     """
-    k = new.shape[0]
-    fresh = torch.arange(k - 1, -1, -1, dtype=ages.dtype)  # [K]
-    return torch.cat((stm[kept], new.to(stm.dtype))), torch.cat((ages[kept], fresh))
+    rows, row_ages = out or (stm, ages)
+    n_kept, k = kept.shape[0], new.shape[0]
+    rows[:n_kept], row_ages[:n_kept] = stm[kept], ages[kept]  # the right sides are gathered before the copy
+    rows[n_kept:] = new
+    row_ages[n_kept:] = torch.arange(k - 1, -1, -1, dtype=ages.dtype)  # [K]
 
 
 def drop_and_append(stm: torch.Tensor, ages: torch.Tensor, block: torch.Tensor, generator: torch.Generator, *,
-                    per_layer: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    per_layer: bool = True, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The STM update of MemoryLLM (arXiv 2402.04624, section 3.1): drop K random rows per layer, append the block.
 
-    stm [L, N, d], ages [L, N], block [L, K, d] -> (stm [L, N, d], ages [L, N], dropped rows [L, K, d], their
-    ages [L, K]). per_layer: one draw per layer, layer 0 first (the official default); else one draw for all.
+    stm [L, N, d], ages [L, N], block [L, K, d], updated in place layer by layer (write_block), or written into
+    out = (stm [L, N, d], ages [L, N]) when stm is shared and must stay as it is. Returns the dropped rows
+    [L, K, d] and their ages [L, K]. per_layer: one draw per layer, layer 0 first (the official default); else
+    one draw for all.
     """
     L, N, _ = stm.shape
     K = block.shape[1]
     shared = None if per_layer else draw_drop(N, K, generator)
-    rows, row_ages, dropped, dropped_ages = [], [], [], []
+    dropped = stm.new_empty(L, K, stm.shape[2])  # [L, K, d]
+    dropped_ages = ages.new_empty(L, K)  # [L, K]
     for l in range(L):
         kept, gone = shared or draw_drop(N, K, generator)
-        dropped.append(stm[l][gone]), dropped_ages.append(ages[l][gone])
-        new_rows, new_ages = write_block(stm[l], ages[l], block[l], kept)
-        rows.append(new_rows), row_ages.append(new_ages)
-    return torch.stack(rows), torch.stack(row_ages), torch.stack(dropped), torch.stack(dropped_ages)
+        dropped[l], dropped_ages[l] = stm[l, gone], ages[l, gone]
+        write_block(stm[l], ages[l], block[l].to(stm.dtype), kept, None if out is None else (out[0][l], out[1][l]))
+    return dropped, dropped_ages
 
 
 def first_write(block: torch.Tensor, n_rows: int, age_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
