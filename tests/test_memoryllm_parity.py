@@ -162,6 +162,8 @@ def test_official_layout_saves_back_identically(model, tmp_path):
     assert set(original) == set(saved)
     for name, t in original.items():
         assert torch.equal(t, saved[name]), name
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["MemoryLLM"] and "ltm_initial_size" not in config
 
 
 def test_report_worst_differences():

@@ -188,6 +188,9 @@ def save(model, path: str | Path, state: MemoryState, max_shard_bytes: int | Non
             tensors[f"ltm_ages.{l}"] = m.ages.float()
             tensors[f"ltm_recall_frequencies.{l}"] = m.rf.float()
     save_tensors(tensors, folder, max_shard_bytes)
-    config = {**model.config.to_dict(), **model.memory_config.to_dict(), "architectures": [type(model).__name__],
-              "ltm_initial_size": max((len(m) for m in state.ltm), default=0) if state.has_ltm else 0}
+    mplus = model.memory_config.kind == "mplus"  # the official class names: MPlus, MemoryLLM
+    config = {**model.config.to_dict(), **model.memory_config.to_dict(),
+              "architectures": ["MPlus" if mplus else "MemoryLLM"]}
+    if mplus:
+        config["ltm_initial_size"] = max((len(m) for m in state.ltm), default=0)
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
