@@ -20,9 +20,8 @@ from typing import Callable
 import torch
 
 from mplus.apps import cli_args as arg
-from mplus.memory.lora import READ
 from mplus.memory.ltm import LayerLTM
-from mplus.memory.prefix import memory_prefix
+from mplus.memory.prefix import memory_prefix, prefix_cache
 from mplus.memory.retriever import nothing_retrieved, select
 
 
@@ -57,6 +56,9 @@ def question_parts(model, state, question: list[int], repeats: int) -> dict[str,
     none = nothing_retrieved(cfg.hidden_size, model.dtype)
     layers = range(cfg.num_hidden_layers)
     with torch.no_grad():
+        cache = prefix_cache(model, state)
+        for l in layers:  # the [bos; STM] keys/values, so the last part times only the retrieved rows'
+            memory_prefix(model, state, l, none, cache)
         return {
             "[bos; STM] keys/values (first question only)":
                 median_ms(lambda: [memory_prefix(model, state, l, none, None) for l in layers], repeats),
@@ -66,9 +68,9 @@ def question_parts(model, state, question: list[int], repeats: int) -> dict[str,
             "gather the K0 rows":
                 median_ms(lambda: [(state.ltm[l].at("rows", p), state.ltm[l].at("ages", p))
                                    for l, p in enumerate(picks)], repeats),
-            "keys/values of the K0 rows":
-                median_ms(lambda: [model.model.layers[l].prefix_kv(r.rows[None], *model._cos_sin(
-                    torch.arange(1, 1 + len(r))), READ) for l, r in enumerate(retrieved)], repeats),
+            "K0 rows' keys/values, by the STM's cached":
+                median_ms(lambda: [memory_prefix(model, state, l, r, cache) for l, r in enumerate(retrieved)],
+                          repeats),
         }
 
 
