@@ -57,6 +57,26 @@ def document_text(doc: dict, chat: bool = False) -> str | list[dict[str, str]]:
     return messages
 
 
+def memory_chunk(rng: random.Random, split: str = "train", max_people: int = 3, same_attribute: float = 0.5,
+                 filler_words: int = 12) -> dict:
+    """A chunk to write into memory for training: 1..max_people statements about distinct people, each after
+    0..filler_words words of filler, and a question on one of them. With probability same_attribute every
+    statement states the same attribute, so only the name tells which value answers (telling people apart).
+
+    Returns ask(...) of the asked fact plus dict(chunk, statement): the chunk's text and the asked statement."""
+    people = P.draw_people(rng, split, rng.randint(1, max_people))
+    if rng.random() < same_attribute:
+        attributes = [rng.choice(P.ATTRIBUTES)] * len(people)
+    else:
+        attributes = [rng.choice(P.ATTRIBUTES) for _ in people]
+    statements = [P.statement(rng, person, a) for person, a in zip(people, attributes)]
+    pieces = []
+    for s in statements:
+        pieces += [passage(rng, rng.randint(0, filler_words)), s]
+    i = rng.randrange(len(people))
+    return dict(chunk=" ".join(p for p in pieces if p), statement=statements[i], **ask(rng, people[i], attributes[i]))
+
+
 def episode(rng: random.Random, split: str, n_filler_chunks: int, chunk_words: int = 100,
             fact_filler_words: int = 0) -> dict:
     """One retention trial: a chunk ending in a fact about a fresh person of `split`, n_filler_chunks chunks

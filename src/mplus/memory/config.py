@@ -5,9 +5,11 @@ Sizes, with K = num_tokens:
   K0 = num_ltm_blocks * K                  long-term rows retrieved per layer (0 for MemoryLLM)
   P  = 1 + num_blocks * K                  virtual prefix length: inputs start at this position
 
-One field is this project's own, not the official code's: "mplus_question_template", the text a question is
-asked in, as the model was trained to read it (the shipped tiny model: "Q: {question}\nA:", data/facts.py).
-`mplus ask` wraps a question in it; absent (the released models), a question is sent as is.
+Two fields are this project's own, not the official code's: "mplus_question_template", the text a question is
+asked in, as the model was trained to read it (the shipped tiny model: "Q: {question}\nA:", data/facts.py);
+`mplus ask` wraps a question in it; absent (the released models), a question is sent as is. And "mplus_task",
+the data it was trained on ("facts", the tiny model's, when absent; "people", train/tasks.py), which tells the
+demo and the retention benchmark what to ask.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ LORA_TARGETS = ("q_proj", "v_proj", "k_proj", "up_proj", "down_proj", "gate_proj
 # Ceilings far above the released models (K 256, 50 blocks, LoRA r 16, d_s 256): past them a config is corrupt.
 MAX_TOKENS, MAX_BLOCKS, MAX_PREFIX, MAX_LORA_R, MAX_SELECTOR_DIM = 1 << 16, 1 << 16, 1 << 20, 4096, 1 << 16
 QUESTION_TEMPLATE_KEY, QUESTION_SLOT, MAX_TEMPLATE_CHARS = "mplus_question_template", "{question}", 4096
+TASK_KEY, TASKS = "mplus_task", ("facts", "people")
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
@@ -45,6 +48,7 @@ class MemoryConfig:
     initial_rf_when_moving_stm_to_ltm: float = 10.0
     drop_memory_per_layer: bool = True  # MemoryLLM: one permutation per layer (True) or one for all; M+: always True
     question_template: str | None = None  # e.g. "Q: {question}\nA:"; None: questions are sent as they are
+    task: str = "facts"  # the training data (train/tasks.py)
 
     def __post_init__(self) -> None:
         string("kind", self.kind, ("mplus", "memoryllm"))
@@ -76,6 +80,7 @@ class MemoryConfig:
             raise ConfigError("M+ always drops its STM rows with one permutation per layer (so does the official "
                               "code, whatever the flag says); drop_memory_per_layer=False is for MemoryLLM only")
         _check_template(self.question_template)
+        string(TASK_KEY, self.task, TASKS)
 
     @property
     def stm_size(self) -> int:
@@ -121,7 +126,7 @@ class MemoryConfig:
                       num_blocks=need("num_blocks"), lora_r=optional("r", 16, lora),
                       lora_alpha=optional("lora_alpha", 32, lora), lora_targets=tuple(targets),
                       drop_memory_per_layer=boolean("drop_memory_per_layer", optional("drop_memory_per_layer", True)),
-                      question_template=raw.get(QUESTION_TEMPLATE_KEY))
+                      question_template=raw.get(QUESTION_TEMPLATE_KEY), task=optional(TASK_KEY, "facts"))
         if mplus:
             if optional("update_ltm_mode", "immediate") != "immediate":
                 raise ConfigError(f"update_ltm_mode {show(raw['update_ltm_mode'])} is not supported; only 'immediate' "
@@ -152,6 +157,8 @@ class MemoryConfig:
                        initial_rf_when_moving_stm_to_ltm=self.initial_rf_when_moving_stm_to_ltm)
         if self.question_template is not None:
             out[QUESTION_TEMPLATE_KEY] = self.question_template
+        if self.task != "facts":  # absent means facts: the tiny model's config stays as it was
+            out[TASK_KEY] = self.task
         return out
 
 

@@ -31,7 +31,13 @@ Config (TOML, see configs/stage2-tiny.toml and stage3-tiny.toml):
 
     stage = "memory2" | "memory3"
     [train]   init, seed, steps, lr, selector_lr, fact_ratio, fresh_ratio, filler_words, chunk_words,
-              max_delay, out, prime_chunks (optional, default 0)
+              max_delay, out, prime_chunks (optional, default 0), chat_ratio and max_people (optional, for the
+              people task; the task itself is the init checkpoint's, config.json "mplus_task")
+
+adapter_grads (optional, default true) false, allowed with lr = 0 only: the question passes run without
+autograd (same values and draws, a fraction of the time), since only the retriever's loss, on detached layer
+inputs, needs a gradient. (The tiny configs keep true: their adapter gradients, though never applied, enter
+the clipping norm, and the shipped tiny model was trained so.)
 """
 from __future__ import annotations
 
@@ -43,14 +49,14 @@ import tokenizers
 import torch
 from tqdm import tqdm
 
-from mplus.data.facts import distractor_chunk
+from mplus.llama.config import ConfigError
 from mplus.memory.ltm import copies_of
 from mplus.memory.mplus import MPlus
 from mplus.memory.retriever import relevance
 from mplus.train.base import config_fields, read_stage_config
 from mplus.train.memory import answer_loss, stage1_loss, trainable_parameters
-from mplus.train.stage1 import qa_training_example
 from mplus.train.resume import Run, TrainStateError, check_tensor, named, resume, save
+from mplus.train.tasks import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,18 +74,25 @@ class RecallConfig:
     max_delay: int
     out: Path
     prime_chunks: int = 0
+    chat_ratio: float = 0.0
+    max_people: int = 1
+    adapter_grads: bool = True
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RecallConfig":
         path = Path(path)
         raw = read_stage_config(path, "memory2", "memory3")
         t = raw.get("train", {})
+        if t.get("adapter_grads", True) is False and float(t.get("lr", 0)) != 0:
+            raise ConfigError(f"{path}: adapter_grads = false freezes the adapters; it needs lr = 0")
         with config_fields(path):
             return cls(ltm=raw["stage"] == "memory3", init=(path.parent / t["init"]).resolve(), seed=t["seed"],
                        steps=t["steps"], lr=float(t["lr"]), selector_lr=float(t["selector_lr"]),
                        fact_ratio=float(t["fact_ratio"]), fresh_ratio=float(t["fresh_ratio"]),
                        filler_words=t["filler_words"], chunk_words=t["chunk_words"], max_delay=t["max_delay"],
-                       prime_chunks=int(t.get("prime_chunks", 0)), out=(path.parent / t["out"]).resolve())
+                       prime_chunks=int(t.get("prime_chunks", 0)), chat_ratio=float(t.get("chat_ratio", 0.0)),
+                       max_people=int(t.get("max_people", 1)), adapter_grads=bool(t.get("adapter_grads", True)),
+                       out=(path.parent / t["out"]).resolve())
 
 
 def retriever_parameters(model: MPlus) -> list[torch.nn.Parameter]:
@@ -102,12 +115,14 @@ def retriever_loss(model: MPlus, record: list[dict], stm: torch.Tensor, labels: 
     return (pos + neg) / 2
 
 
-def delayed_loss(model: MPlus, state, target: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer loss, retriever loss) for a fact written earlier, read from the current memory as at generation."""
+def delayed_loss(model: MPlus, state, target: dict, train_answer: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer loss, retriever loss) for a fact written earlier, read from the current memory as at generation.
+    train_answer False: the answer loss carries no gradient (the adapters do not train)."""
     sentence, mask, n_query = target["sentence"], target["targets"], target["query_len"]
     record: list[dict] = []
-    logits = model.read_logits(state, sentence, query_len=n_query, record=record)  # [1, T, V], with gradient
-    answer = answer_loss(logits, sentence, mask)
+    with torch.set_grad_enabled(train_answer):
+        logits = model.read_logits(state, sentence, query_len=n_query, record=record)  # [1, T, V]
+        answer = answer_loss(logits, sentence, mask)
     labels = torch.stack([copies_of(state.stm[l], target["block"][l]) for l in range(state.num_layers)])  # [L, N]
     if not labels.any():
         return answer, torch.zeros(())
@@ -142,6 +157,7 @@ def train(config: RecallConfig, *, max_steps: int | None = None, progress: bool 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizers.Tokenizer.from_file(str(config.init / "tokenizer.json"))
     model = MPlus.from_pretrained(config.init)
+    task = Task(model.memory_config.task, config.chat_ratio, config.max_people)
     params = trainable_parameters(model)
     selector = retriever_parameters(model)
     optim = torch.optim.AdamW([{"params": params, "lr": config.lr},
@@ -160,21 +176,22 @@ def train(config: RecallConfig, *, max_steps: int | None = None, progress: bool 
     for step in bar:
         loss = torch.zeros(())
         if rng.random() < config.fact_ratio:
-            chunk, sentence, targets = qa_training_example(rng, tokenizer, config.filler_words)
-            fresh, delta = stage1_loss(model, state.stm, chunk, sentence, targets,
-                                       fresh_only=rng.random() < config.fresh_ratio, g=g)
+            chunk, sentence, targets = task.example(rng, tokenizer, config.filler_words)
+            with torch.set_grad_enabled(config.adapter_grads):
+                fresh, delta = stage1_loss(model, state.stm, chunk, sentence, targets,
+                                           fresh_only=rng.random() < config.fresh_ratio, g=g)
             loss = loss + fresh
             pending.append(dict(block=delta.detach(), sentence=sentence, targets=targets,
                                 query_len=int((~targets).sum()), step=step))
         else:
-            chunk = torch.tensor(tokenizer.encode(distractor_chunk(rng, config.chunk_words)).ids)
+            chunk = torch.tensor(tokenizer.encode(task.filler(rng, config.chunk_words)).ids)
             with torch.no_grad():
                 delta = model.new_memory_block(state.stm, chunk)
         model.write(state, delta.detach(), state.generator)
         pending = [t for t in pending if step - t["step"] < config.max_delay]
         earlier = [t for t in pending if t["step"] < step]
         if earlier:
-            answer, selector_loss = delayed_loss(model, state, rng.choice(earlier))
+            answer, selector_loss = delayed_loss(model, state, rng.choice(earlier), config.adapter_grads)
             loss = loss + answer + selector_loss
         if loss.requires_grad:
             optim.zero_grad(set_to_none=True)
@@ -188,7 +205,7 @@ def train(config: RecallConfig, *, max_steps: int | None = None, progress: bool 
     if end == config.steps:
         shipped = model.initial_state()  # the memory this stage started from (not the training STM), LTM empty...
         for _ in range(config.prime_chunks):  # ...primed with filler
-            model.inject(shipped, tokenizer.encode(distractor_chunk(rng, config.chunk_words)).ids, allow_short=True)
+            model.inject(shipped, tokenizer.encode(task.filler(rng, config.chunk_words)).ids, allow_short=True)
         model.save_pretrained(out, shipped)
         (out / "tokenizer.json").write_bytes((config.init / "tokenizer.json").read_bytes())
     return losses

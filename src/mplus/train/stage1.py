@@ -20,7 +20,10 @@ Config (TOML, see configs/stage1-tiny.toml):
               initial_rf_when_moving_stm_to_ltm (optional, default 10)
     [train]   base, seed, steps, lr, fresh_ratio, filler_words, out, repeat_ratio (optional, default 0.1),
               max_age, min_keep, ltm_ratio (Placement; optional, default: the recipe's),
-              stm_filler_words (optional, default 0: the recipe's),
+              stm_filler_words (optional, default 0: the recipe's), stm_fact_ratio (optional, default 0: with
+              stm_filler_words, the share of writes that are the example's own block instead of filler),
+              task, chat_ratio, max_people (optional, default "facts", 0, 1: the data, train/tasks.py);
+              base may name $MPLUS_CACHE (e.g. "$MPLUS_CACHE/smollm2-135m-instruct"),
               batch (optional, default 1: examples per step, their losses averaged; under torchrun each
               process computes its share, see train.distributed and docs/distributed.md)
 
@@ -30,6 +33,7 @@ are written in order, so the memory moves on by one write per example, as with b
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from pathlib import Path
 
@@ -37,13 +41,14 @@ import tokenizers
 import torch
 from tqdm import tqdm
 
-from mplus.data.facts import distractor_chunk, fact_paragraph, qa_prompt, recall_episode
+from mplus.llama.config import ConfigError
 from mplus.memory.config import MemoryConfig
 from mplus.memory.mplus import MPlus
 from mplus.train.base import config_fields, read_stage_config
 from mplus.train.distributed import gather, shard, start, sum_gradients, total
 from mplus.train.memory import Placement, stage1_loss, trainable_parameters
 from mplus.train.resume import Run, named, resume, save
+from mplus.train.tasks import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,8 @@ class Stage1Config:
     placement: Placement = Placement()
     stm_filler_words: int = 0
     batch: int = 1
+    task: Task = Task()
+    stm_fact_ratio: float = 0.0
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "Stage1Config":
@@ -67,34 +74,29 @@ class Stage1Config:
         raw = read_stage_config(path, "memory1")
         m, t = raw.get("memory", {}), raw.get("train", {})
         with config_fields(path):
+            task = Task(t.get("task", "facts"), float(t.get("chat_ratio", 0.0)), int(t.get("max_people", 1)))
             memory = MemoryConfig(kind="mplus", num_tokens=m["num_tokens"], num_blocks=m["num_blocks"],
                                   num_ltm_blocks=m["num_ltm_blocks"], selector_hidden_dim=m["selector_hidden_dim"],
                                   update_ltm_frequency=m["update_ltm_frequency"], lora_r=m["lora_r"],
                                   lora_alpha=float(m["lora_alpha"]),
                                   initial_rf_when_moving_stm_to_ltm=float(m.get("initial_rf_when_moving_stm_to_ltm", 10)),
-                                  question_template=m.get("question_template"))
-            return cls(memory=memory, base=(path.parent / t["base"]).resolve(), seed=t["seed"], steps=t["steps"],
+                                  question_template=m.get("question_template"), task=task.kind)
+            return cls(memory=memory, base=(path.parent / expand(t["base"])).resolve(), seed=t["seed"], steps=t["steps"],
                        lr=float(t["lr"]), fresh_ratio=float(t["fresh_ratio"]), filler_words=t["filler_words"],
                        repeat_ratio=float(t.get("repeat_ratio", 0.1)),
                        placement=Placement(max_age=int(t.get("max_age", 0)), min_keep=float(t.get("min_keep", 1.0)),
                                            ltm_ratio=float(t.get("ltm_ratio", 0.0))),
                        stm_filler_words=int(t.get("stm_filler_words", 0)), batch=int(t.get("batch", 1)),
+                       task=task, stm_fact_ratio=float(t.get("stm_fact_ratio", 0.0)),
                        out=(path.parent / t["out"]).resolve())
 
 
-def qa_training_example(rng: random.Random, tokenizer: tokenizers.Tokenizer, filler_words: int, repeat_ratio: float = 0.0
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chunk [n], sentence [T], targets [T] bool): a chunk ending in one fact, and its question + reply.
-
-    With probability repeat_ratio the sentence is the recipe's repeat task instead: "Repeat:" and the chunk's
-    last sentence (the fact; the memory holds the hidden states of the chunk's last K tokens only)."""
-    ep = recall_episode(rng, "train", 0)
-    paragraph = fact_paragraph(rng, ep["fact"], filler_words)
-    repeat = rng.random() < repeat_ratio
-    question = tokenizer.encode("Repeat:" if repeat else qa_prompt(ep["question"])).ids
-    answer = tokenizer.encode(" " + (ep["fact"] if repeat else ep["reply"])).ids
-    targets = torch.tensor([False] * len(question) + [True] * len(answer))
-    return torch.tensor(tokenizer.encode(paragraph).ids), torch.tensor(question + answer), targets
+def expand(path: str) -> str:
+    """A config path with $MPLUS_CACHE (or another variable) filled in; an unset variable is an error."""
+    out = os.path.expandvars(path)
+    if "$" in out:
+        raise ConfigError(f"{path!r} names an unset environment variable (set MPLUS_CACHE, or run through make)")
+    return out
 
 
 def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool = True) -> list[float]:
@@ -118,7 +120,7 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
                disable=not (progress and world.main))
     for step in bar:
         # Every process draws the whole global batch (cheap: text and token ids) so the streams stay in step.
-        examples = [(qa_training_example(rng, tokenizer, config.filler_words, config.repeat_ratio),
+        examples = [(config.task.example(rng, tokenizer, config.filler_words, config.repeat_ratio),
                      rng.random() < config.fresh_ratio) for _ in range(config.batch)]
         # One example uses g itself (the batch-1 run is unchanged); in a batch each gets its own generator,
         # seeded from g, so its draws do not depend on which process computes it.
@@ -138,8 +140,13 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
         optim.step()
         for block in ([] if config.stm_filler_words else gather(torch.stack(deltas), world)):  # [B, L, K, d]
             model.write(state, block, state.generator)  # the memory evolves as at inference
-        for _ in range(config.batch if config.stm_filler_words else 0):  # the block will sit among filler rows
-            model.inject(state, tokenizer.encode(distractor_chunk(rng, config.stm_filler_words)).ids, allow_short=True)
+        for block in (gather(torch.stack(deltas), world) if config.stm_filler_words else []):
+            # the block will sit among filler rows (and, with stm_fact_ratio, among other facts' blocks)
+            if config.stm_fact_ratio and rng.random() < config.stm_fact_ratio:
+                model.write(state, block, state.generator)
+            else:
+                model.inject(state, tokenizer.encode(config.task.filler(rng, config.stm_filler_words)).ids,
+                             allow_short=True)
         losses.append(total(local, world))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     if world.main:
