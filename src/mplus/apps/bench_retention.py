@@ -28,7 +28,6 @@ import argparse
 import csv
 import dataclasses
 import io
-import random
 import sys
 from pathlib import Path
 
@@ -37,12 +36,12 @@ from tqdm import tqdm
 
 from mplus.apps import cli_args as arg
 from mplus.apps.chart import line_chart
-from mplus.apps.questions import question_prompt
-from mplus.data.facts import fact_paragraph, fresh_test_set
+from mplus.apps.retention_trials import FORMS, interference_trials, is_right, trials
 from mplus.formats.atomic import atomic_write_text
 from mplus.apps.baselines import fits_in_context, in_context_reply, same_size_memoryllm
 from mplus.memory.ltm import copies_of
 from mplus.memory.config import MemoryConfig
+from mplus.apps.fetch import load_mplus
 from mplus.memory.mplus import MPlus
 from mplus.llama.tokenizer import Tokenizer
 
@@ -51,9 +50,15 @@ OFFICIAL_INITIAL_RF = 10.0  # initial_rf_when_moving_stm_to_ltm of the released 
 
 def answered(model: MPlus, tokenizer: Tokenizer, state, prompt: str, answer: str) -> bool:
     """Whether the first line of the greedy reply to `prompt` (the question as the model reads it; at most 16
-    tokens, up to the model's end-of-text token) contains the answer."""
-    out = model.generate(state, tokenizer.encode(prompt), max_new_tokens=16)
-    return answer in first_line(tokenizer, out)
+    tokens, up to the model's end-of-text token or a line break) contains the answer."""
+    out = model.generate(state, tokenizer.encode(prompt), max_new_tokens=16, stop_ids=stop_ids(model, tokenizer))
+    return is_right(first_line(tokenizer, out), answer, model.memory_config.task)
+
+
+def stop_ids(model: MPlus, tokenizer: Tokenizer) -> set[int]:
+    """End of text and, when one token, the line break: only the first line is scored."""
+    newline = tokenizer.encode("\n")
+    return set(model.config.eos_token_id) | (set(newline) if len(newline) == 1 else set())
 
 
 def first_line(tokenizer: Tokenizer, ids: list[int]) -> str:
@@ -103,12 +108,6 @@ def model_names(model: MPlus) -> tuple[str, ...]:
     return ("mplus", "memoryllm", f"memoryllm_n{mem.stm_size + mem.ltm_retrieved}", "in_context", "no_context")
 
 
-def context_prompt(paragraph: str, chunks: list[str], prompt: str) -> str:
-    """The in-context version of an episode, in the base model's training format (facts.single_fact_document):
-    the fact's chunk and the filler as one paragraph, then the question as the model reads it (`prompt`)."""
-    return " ".join((paragraph, *chunks)) + "\n" + prompt
-
-
 def write_both(model: MPlus, state, big: MPlus | None, big_state, ids: list[int]) -> torch.Tensor:
     """Inject a chunk into the M+ state and write the same block into the same-size MemoryLLM's: a block
     depends only on the last K STM rows (MPlus.encode), and both STMs end with the same K rows (checked),
@@ -123,10 +122,12 @@ def write_both(model: MPlus, state, big: MPlus | None, big_state, ids: list[int]
 
 
 def run(model: MPlus, tokenizer: Tokenizer, *, seed: int, episodes: int, distances: list[int], chunk_words: int,
-        filler_words: int, progress: bool = True) -> dict:
-    """Accuracy per model and distance (in chunks), mean token distance, retriever recall per distance.
+        filler_words: int, progress: bool = True, in_context_tokens: int | None = None) -> dict:
+    """Accuracy per model and distance (in chunks), mean token distance, retriever recall per distance, and
+    M+'s accuracy per question form (plain / chat; the tiny model's questions are all plain).
 
-    accuracy["in_context"][j] is None where some episode's prompt does not fit the model's positions."""
+    accuracy["in_context"][j] is None where some episode's prompt does not fit the model's positions, or is
+    longer than in_context_tokens."""
     distances = sorted(set(distances))
     names = model_names(model)
     big_name, skipped = names[2], {}
@@ -137,15 +138,15 @@ def run(model: MPlus, tokenizer: Tokenizer, *, seed: int, episodes: int, distanc
     hits = {m: [0] * len(distances) for m in names}
     tokens, fits = [0] * len(distances), [0] * len(distances)
     recall = [[0, 0, 0.0, 0] for _ in distances]  # retrieved, stored, sum of random rates, layer count
-    rng = random.Random(seed)
-    test = fresh_test_set(seed, n_episodes=episodes, n_distractor_chunks=max(distances), chunk_words=chunk_words)
+    by_form = {f: [0] * len(distances) for f in FORMS}
+    test = trials(model, tokenizer, seed=seed, episodes=episodes, n_chunks=max(distances), chunk_words=chunk_words,
+                  filler_words=filler_words)
     for i, ep in enumerate(tqdm(test, desc="retention", unit="episode", disable=not progress)):
         state = model.initial_state(seed=seed * 100_003 + i)
         big_state = big and big.initial_state(seed=seed * 100_003 + i)  # own generator: drops from N + K0 rows
-        prompt = question_prompt(model, ep["question"])
+        prompt = ep["prompt"]
         floor = answered(model, tokenizer, state.copy(), prompt, ep["answer"])
-        paragraph = fact_paragraph(rng, ep["fact"], filler_words)
-        block = write_both(model, state, big, big_state, tokenizer.encode(paragraph))  # [L, K, d]
+        block = write_both(model, state, big, big_state, tokenizer.encode(ep["paragraph"]))  # [L, K, d]
         written, c, fitting = 0, 0, True
         for j, d in enumerate(distances):
             for chunk in ep["distractors"][c:d]:
@@ -155,16 +156,19 @@ def run(model: MPlus, tokenizer: Tokenizer, *, seed: int, episodes: int, distanc
             c = d
             tokens[j] += written
             hits["no_context"][j] += floor
-            hits["mplus"][j] += answered(model, tokenizer, state, prompt, ep["answer"])
+            right = answered(model, tokenizer, state, prompt, ep["answer"])
+            hits["mplus"][j] += right
+            by_form[ep["form"]][j] += right
             hits["memoryllm"][j] += answered(model, tokenizer, state.without_ltm(), prompt, ep["answer"])
             if big:
                 hits[big_name][j] += answered(big, tokenizer, big_state, prompt, ep["answer"])
             if fitting:
-                ids = tokenizer.encode(context_prompt(paragraph, ep["distractors"][:d], prompt))
-                fitting = fits_in_context(model, len(ids))
+                ids = tokenizer.encode(ep["context"](d))
+                fitting = fits_in_context(model, len(ids)) and len(ids) <= (in_context_tokens or len(ids))
                 if fitting:
                     fits[j] += 1
-                    hits["in_context"][j] += ep["answer"] in first_line(tokenizer, in_context_reply(model, ids))
+                    reply = first_line(tokenizer, in_context_reply(model, ids))
+                    hits["in_context"][j] += is_right(reply, ep["answer"], model.memory_config.task)
             for got, stored, rate in recall_counts(model, tokenizer, state, prompt, block):
                 recall[j][0] += got
                 recall[j][1] += stored
@@ -175,10 +179,37 @@ def run(model: MPlus, tokenizer: Tokenizer, *, seed: int, episodes: int, distanc
     if big is None:
         accuracy[big_name] = [None] * len(distances)
     mem = model.memory_config
+    forms = {f: sum(ep["form"] == f for ep in test) for f in FORMS}
     return {"distances": distances, "tokens": [t / episodes for t in tokens], "episodes": episodes,
             "models": names, "accuracy": accuracy, "recall": recall, "skipped": skipped,
+            "mplus_by_form": {f: [h / forms[f] for h in by_form[f]] for f in FORMS if forms[f]},
             "ltm": {"initial_rf": mem.initial_rf_when_moving_stm_to_ltm, "decay": mem.decay_frequency,
                     "merge_every": mem.update_ltm_frequency, "lifetime": ltm_lifetime(mem)}}
+
+
+def interference(model: MPlus, tokenizer: Tokenizer, *, seed: int, episodes: int, n_people: int = 5,
+                  filler_words: int = 12, progress: bool = True) -> dict:
+    """Telling people apart: n_people facts of one kind, one chunk each, then every person asked (retention_trials.
+    interference_trials). Per model (mplus, memoryllm): the share of right answers, and of answers holding
+    another of the people's values instead."""
+    trials_ = interference_trials(model, tokenizer, seed=seed, episodes=episodes, n_people=n_people,
+                                  filler_words=filler_words)
+    right, other = {"mplus": 0, "memoryllm": 0}, {"mplus": 0, "memoryllm": 0}
+    for i, ep in enumerate(tqdm(trials_, desc="interference", unit="episode", disable=not progress)):
+        state = model.initial_state(seed=seed * 100_003 + i)
+        for chunk in ep["chunks"]:
+            model.inject(state, tokenizer.encode(chunk), allow_short=True)
+        for name, s in (("mplus", state), ("memoryllm", state.without_ltm())):
+            for q in ep["questions"]:
+                out = model.generate(s, tokenizer.encode(q["prompt"]), max_new_tokens=16,
+                                     stop_ids=stop_ids(model, tokenizer))
+                line = first_line(tokenizer, out)
+                hit = is_right(line, q["answer"], "people")
+                right[name] += hit
+                other[name] += not hit and any(is_right(line, v, "people") for v in q["others"])
+    n = episodes * n_people
+    return {"people": n_people, "questions": n, **{f"{m}_right": right[m] / n for m in right},
+            **{f"{m}_other_person": other[m] / n for m in other}}
 
 
 def d50(tokens: list[float], accuracy: list[float]) -> float | None:
@@ -241,6 +272,9 @@ def summary(result: dict) -> str:
         lines.append(f"{d:6d} {tokens[j]:7.0f} " + " ".join(cells) + f" {rec}")
     lines.append(f"episodes per point: {result['episodes']} (fresh test-partition people); in_context only where "
                  "fact, filler, question and reply fit the model's positions")
+    for form, acc_form in result.get("mplus_by_form", {}).items():
+        if len(result["mplus_by_form"]) > 1:
+            lines.append(f"mplus, {form} questions only: " + " ".join(f"{a:.3f}" for a in acc_form))
     lines.append(setting(result))
     lines += [f"{m} not measured: {why}" for m, why in result.get("skipped", {}).items()]
     found = {}
@@ -287,12 +321,18 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default: the model's config; the released M+ uses {OFFICIAL_INITIAL_RF:g})")
     p.add_argument("--chunk-words", type=arg.positive_int, default=48, help="words per filler chunk (default 48)")
     p.add_argument("--filler-words", type=arg.non_negative_int, default=12, help="filler words before the fact in its chunk (default 12)")
+    p.add_argument("--in-context-tokens", type=arg.positive_int, default=None,
+                   help="measure the in-context bound only where its prompt has at most this many tokens (default: "
+                        "wherever it fits the model's positions; long prompts are slow on a CPU)")
+    p.add_argument("--interference", type=arg.non_negative_int, default=None,
+                   help="episodes of five people's facts of one kind, each person then asked (default: 20 for a "
+                        "model trained on people, 0 for the tiny model, whose data has no such test)")
     p.add_argument("--out", type=arg.output_file, help="write the curve as CSV: model,distance_tokens,accuracy,n")
     p.add_argument("--chart", type=arg.output_file, help="write an SVG chart (default: next to --out, .svg)")
     args = p.parse_args(argv)
     from mplus.apps.paths import tiny_model_path
     folder = args.model or tiny_model_path()
-    model = MPlus.from_pretrained(folder)
+    model = load_mplus(folder)
     if model.memory_config.kind != "mplus":
         p.error(f"{folder} is a MemoryLLM model; the benchmark needs M+ weights (it switches the LTM off itself)")
     if args.initial_rf is not None:
@@ -305,13 +345,22 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer.check_model_vocab(model.config.vocab_size)
     torch.manual_seed(0)  # nothing should draw from the global generator; this makes sure of it
     result = run(model, tokenizer, seed=args.seed, episodes=args.episodes, distances=distances,
-                 chunk_words=args.chunk_words, filler_words=args.filler_words)
+                 chunk_words=args.chunk_words, filler_words=args.filler_words, in_context_tokens=args.in_context_tokens)
     print(summary(result))
+    people = model.memory_config.task == "people"
+    n_interference = args.interference if args.interference is not None else 20 if people else 0
+    if n_interference and not people:
+        p.error("--interference needs a model trained on people (config.json \"mplus_task\": \"people\")")
+    if n_interference:
+        r = interference(model, tokenizer, seed=args.seed, episodes=n_interference, filler_words=args.filler_words)
+        print(f"interference ({r['people']} people's facts of one kind in memory, {r['questions']} questions): "
+              f"mplus right {r['mplus_right']:.3f} (another person's value {r['mplus_other_person']:.3f}), "
+              f"memoryllm right {r['memoryllm_right']:.3f} ({r['memoryllm_other_person']:.3f})")
     if args.out:
         atomic_write_text(Path(args.out), to_csv(result))
         print(f"wrote {args.out}", file=sys.stderr)
     svg = args.chart or (str(Path(args.out).with_suffix(".svg")) if args.out else None)
     if svg:
-        chart(result, svg, f"Knowledge retention (tiny M+, seed {args.seed}, {args.episodes} test facts per point)")
+        chart(result, svg, f"Knowledge retention ({Path(folder).name}, seed {args.seed}, {args.episodes} test facts per point)")
         print(f"wrote {svg}", file=sys.stderr)
     return 0

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from mplus.data.facts import distractor_chunk
+from mplus.apps.fetch import load_mplus
 from mplus.memory.mplus import MPlus
 from mplus.memory.state import MemoryState
 from mplus.llama.tokenizer import Tokenizer
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--chunk-words must be at least 16 (M+ was trained on chunks of at least 16 tokens)")
     from mplus.apps.paths import tiny_model_path
     folder = Path(args.model) if args.model else tiny_model_path()
-    model = MPlus.from_pretrained(folder)
+    model = load_mplus(folder)
     tokenizer = Tokenizer.from_file(folder)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)  # nothing should draw from the global generator; this makes sure of it

@@ -29,7 +29,7 @@ def weight_dtype(args: argparse.Namespace, folder: Path) -> torch.dtype:
 
 
 def _load_memory_model(args: argparse.Namespace):
-    from mplus.memory.mplus import MPlus
+    from mplus.apps.fetch import load_mplus
     from mplus.llama.tokenizer import Tokenizer
     folder = Path(args.model)
     if holds_memory(folder) is False:
@@ -37,7 +37,7 @@ def _load_memory_model(args: argparse.Namespace):
                        "text with `mplus generate` or chat with `mplus chat`; for a memory, point at an M+ or "
                        "MemoryLLM folder (e.g. checkpoints/tiny-mplus)")
     tokenizer = Tokenizer.from_file(args.tokenizer or folder)
-    model = MPlus.from_pretrained(folder, dtype=weight_dtype(args, folder), progress=True)
+    model = load_mplus(folder, dtype=weight_dtype(args, folder), progress=True)
     tokenizer.check_model_vocab(model.config.vocab_size)
     return model, tokenizer
 

@@ -26,6 +26,7 @@ from mplus.apps.baselines import fits_in_context, in_context_reply, same_size_me
 from mplus.apps.questions import question_prompt
 from mplus.data.facts import RELATIONS, distractor_chunk, draw_name, fact_example, fact_paragraph, make_entity
 from mplus.memory.ltm import copies_of
+from mplus.apps.fetch import load_mplus
 from mplus.memory.mplus import MPlus
 from mplus.llama.tokenizer import StreamDecoder, Tokenizer
 
@@ -101,7 +102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from mplus.apps.paths import tiny_model_path
     folder = args.model or tiny_model_path()
-    model = MPlus.from_pretrained(folder)
+    model = load_mplus(folder)
     tokenizer = Tokenizer.from_file(folder)
     tokenizer.check_model_vocab(model.config.vocab_size)
     mem = model.memory_config

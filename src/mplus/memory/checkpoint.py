@@ -4,6 +4,7 @@ The official files hold the weights (LoRA-wrapped projections as `<name>.base_la
 `lora_A/lora_B.<adapter>.weight`, retriever `.0/.2.weight`, `bos_embedding`, `new_memory_positional_emb`)
 and, beside them, a memory: `memory` [L, N, d] and for M+ `ltm.{l}`, `ltm_keys.{l}`, `ltm_ages.{l}`,
 `ltm_recall_frequencies.{l}`. The memory becomes the model's checkpoint_state, a MemoryState.
+A folder may instead hold only what training added over a named frozen base (memory/base_ref.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from mplus.llama.sizes import check_sizes, header_shapes
 from mplus.memory.sizes import memory_tensors
 from mplus.llama.config_values import read_json_object
 from mplus.formats.atomic import atomic_write_text
+from mplus.memory import base_ref
 from mplus.memory.lora import READ, WRITE, LoRALinear
 from mplus.memory.ltm import LayerLTM
 from mplus.memory.config import MemoryConfig
@@ -55,18 +57,31 @@ def new_state(model, stm: torch.Tensor, ltm, keys, ages, rf, seed: int = 0) -> M
                        update_step=0, generator=torch.Generator().manual_seed(seed))
 
 
-def load(cls, path: str | Path, dtype: torch.dtype, progress: bool, rope_bf16: bool):
-    """cls built on the meta device, filled from an official-layout folder, with its stored memory."""
+def load(cls, path: str | Path, dtype: torch.dtype, progress: bool, rope_bf16: bool, base: str | Path | None = None):
+    """cls built on the meta device, filled from an official-layout folder, with its stored memory; a folder
+    naming its base (base_ref) is filled from that base (`base`, else found by name) and then from the folder."""
     folder = Path(path)
     raw = read_config(folder)
     config, memory = LlamaConfig.from_dict(raw), MemoryConfig.from_dict(raw)
-    check_sizes(config, header_shapes(checkpoint_index(folder)), memory_tensors(config, memory))  # before the config's sizes are allocated
+    ref = base_ref.reference(raw)
+    shapes = header_shapes(checkpoint_index(folder))
+    if ref is not None:
+        base = base_ref.base_folder(ref, base)
+        shapes = {**{n: v for n, v in header_shapes(checkpoint_index(base)).items()}, **shapes}
+    check_sizes(config, shapes, memory_tensors(config, memory))  # before the config's sizes are allocated
     with torch.device("meta"):
         model = cls(config, memory)
     materialize(model, dtype)
     tied = config.tie_word_embeddings
-    load_state_into(model, folder, progress=progress, optional=("lm_head.weight",) if tied else (),
-                    rename=lambda n: None if is_state_key(n) or (tied and n == "lm_head.weight") else n)
+    names = [n for n, _ in model.named_parameters()] + (["lm_head.weight"] if tied else [])
+    if ref is None:
+        load_state_into(model, folder, progress=progress, optional=("lm_head.weight",) if tied else (),
+                        rename=lambda n: None if is_state_key(n) or (tied and n == "lm_head.weight") else n)
+    else:
+        frozen = {base_ref.base_name(n): n for n in names if base_ref.is_base_weight(n)}
+        load_state_into(model, base, progress=progress, optional=[n for n in names if n not in frozen.values()],
+                        rename=lambda n: None if tied and n == "lm_head.weight" else frozen.get(n, n))
+        load_state_into(model, folder, optional=list(frozen.values()), rename=lambda n: None if is_state_key(n) else n)
     model.checkpoint_state = _stored_state(model, folder)
     if rope_bf16:
         model.inv_freq = model.inv_freq.bfloat16().float()
@@ -141,9 +156,8 @@ def from_llama(cls, path: str | Path, memory: MemoryConfig, seed: int, dtype: to
     with torch.device("meta"):
         model = cls(config, memory)
     materialize(model, dtype)
-    base = {n.replace(".base_layer.", "."): n for n, _ in model.named_parameters() if ".base_layer." in n}
-    fresh = [n for n, _ in model.named_parameters() if ".lora_" in n or "_proj.0." in n or "_proj.2." in n
-             or n in ("bos_embedding", "new_memory_positional_emb")]
+    base = {base_ref.base_name(n): n for n, _ in model.named_parameters() if ".base_layer." in n}
+    fresh = [n for n, _ in model.named_parameters() if not base_ref.is_base_weight(n)]
     load_state_into(model, folder, rename=lambda n: base.get(n, n),
                     optional=fresh + (["lm_head.weight"] if config.tie_word_embeddings else []))
     g = torch.Generator().manual_seed(seed)
@@ -169,11 +183,13 @@ def from_llama(cls, path: str | Path, memory: MemoryConfig, seed: int, dtype: to
     return model.eval()
 
 
-def save(model, path: str | Path, state: MemoryState, max_shard_bytes: int | None = None) -> None:
+def save(model, path: str | Path, state: MemoryState, max_shard_bytes: int | None = None,
+         base: dict | None = None) -> None:
     """config.json and the safetensors files in the official layout: weights, `memory` and the LTM of `state`.
 
     As mplus.formats.hf_folder.save_tensors: one model.safetensors, or shards of at most max_shard_bytes with an index; a save
-    killed at any moment leaves the old or the new checkpoint, never a mix.
+    killed at any moment leaves the old or the new checkpoint, never a mix. With base = {"name", "sha256"} of the
+    frozen base the model was trained on, only the tensors training added are stored (memory/base_ref.py).
     """
     folder = Path(path)
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
@@ -187,10 +203,16 @@ def save(model, path: str | Path, state: MemoryState, max_shard_bytes: int | Non
             tensors[f"ltm.{l}"], tensors[f"ltm_keys.{l}"] = m.rows, m.keys
             tensors[f"ltm_ages.{l}"] = m.ages.float()
             tensors[f"ltm_recall_frequencies.{l}"] = m.rf.float()
+    if base is not None:
+        base_ref.reference({base_ref.BASE_KEY: base})  # checked as a load would check it
+        tensors = base_ref.shipped_tensors({n: t for n, t in tensors.items()
+                                            if is_state_key(n) or not base_ref.is_base_weight(n)})
     save_tensors(tensors, folder, max_shard_bytes)
     mplus = model.memory_config.kind == "mplus"  # the official class names: MPlus, MemoryLLM
     config = {**model.config.to_dict(), **model.memory_config.to_dict(),
               "architectures": ["MPlus" if mplus else "MemoryLLM"]}
     if mplus:
         config["ltm_initial_size"] = max((len(m) for m in state.ltm), default=0)
+    if base is not None:
+        config[base_ref.BASE_KEY] = base
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")

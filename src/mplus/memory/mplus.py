@@ -73,13 +73,15 @@ class MPlus(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
-                        rope_bf16: bool = False) -> "MPlus":
+                        rope_bf16: bool = False, base: str | Path | None = None) -> "MPlus":
         """Load an official-layout M+ or MemoryLLM folder (weights plus the memory stored with them).
 
         rope_bf16: round the RoPE inverse frequencies to bf16, as the official bf16 README path does by
         casting the model twice (docs/departures.md); needed for bit-parity with the released models run that way.
+        base: for a folder that names its frozen base (memory/base_ref.py), the base's folder (default: found by
+        name in the cache root); its hash must match.
         """
-        return mplus_checkpoint.load(cls, path, dtype, progress, rope_bf16)
+        return mplus_checkpoint.load(cls, path, dtype, progress, rope_bf16, base)
 
     @classmethod
     def from_llama(cls, path: str | Path, memory: MemoryConfig, *, seed: int = 0,
@@ -113,13 +115,14 @@ class MPlus(nn.Module):
                 "weights": weights_fingerprint(self)}
 
     def save_pretrained(self, path: str | Path, state: MemoryState | None = None,
-                        max_shard_bytes: int | None = None) -> None:
+                        max_shard_bytes: int | None = None, base: dict | None = None) -> None:
         """Write the official layout: config.json and model.safetensors with weights, `memory` and the LTM
         (sharded with an index if max_shard_bytes); a save killed at any moment leaves the old or the new folder.
+        base {"name", "sha256"}: store only what training added over that frozen base (memory/base_ref.py).
 
         The layout has no place for STM ages, the dropped-row cache or the generator: state.save() keeps those.
         """
-        mplus_checkpoint.save(self, path, state or self.checkpoint_state, max_shard_bytes)
+        mplus_checkpoint.save(self, path, state or self.checkpoint_state, max_shard_bytes, base)
 
     # ----------------------------------------------------------------------------------------- checks
 
