@@ -11,7 +11,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 export MPLUS_CACHE ?= $(CURDIR)/.cache/mplus
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo demo-llama test test-slow test-all bench bench-retention bench-soak train-tiny venv fetch clean
+.PHONY: demo demo-llama demo-real train-smol test test-slow test-all bench bench-retention bench-soak train-tiny venv fetch clean
 
 venv: $(VENV)/.installed
 
@@ -46,6 +46,21 @@ train-tiny: venv
 	$(VENV)/bin/mplus train --config configs/stage1-tiny.toml
 	$(VENV)/bin/mplus train --config configs/stage2-tiny.toml
 	$(VENV)/bin/mplus train --config configs/stage3-tiny.toml
+
+# Train M+ around the frozen SmolLM2-135M-Instruct into runs/stage3-smol (stages 1-3 on invented people in plain
+# English, about 1 hour on 2 cores with one thread), then keep only what training added, with the base's sha256,
+# in checkpoints/smollm2-mplus. Each stage resumes where it stopped; under torchrun --nproc_per_node N stage 1
+# trains data-parallel (docs/distributed.md).
+train-smol: fetch
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/mplus train --config configs/stage1-smol.toml
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/mplus train --config configs/stage2-smol.toml
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/mplus train --config configs/stage3-smol.toml
+	$(VENV)/bin/mplus ship --model runs/stage3-smol --base $(MPLUS_CACHE)/smollm2-135m-instruct --out checkpoints/smollm2-mplus
+
+# SmolLM2 with its trained memory (checkpoints/smollm2-mplus): a paragraph under filler, asked back, M+ vs
+# MemoryLLM, streaming. Your own text: make demo-real ARGS='--file notes.txt --ask "Where does Ann live?"'
+demo-real: fetch
+	$(VENV)/bin/mplus demo-real $(ARGS)
 
 # The retention curve of checkpoints/tiny-mplus: docs/retention.csv and docs/retention.svg.
 bench-retention: venv

@@ -71,3 +71,17 @@ def test_a_bad_base_reference_is_a_config_error(tmp_path, ref):
     (tmp_path / "delta" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="mplus_base"):
         MPlus.from_pretrained(tmp_path / "delta", base=tmp_path / "base")
+
+
+def test_ship_keeps_the_new_tensors_and_refuses_a_changed_base(tmp_path):
+    from mplus.apps.cli_args import CliError
+    from mplus.apps.ship import ship
+    model, state = trained(tmp_path)
+    model.save_pretrained(tmp_path / "full", state)
+    (tmp_path / "full" / "tokenizer.json").write_text("{}")
+    out = ship(tmp_path / "full", tmp_path / "base", tmp_path / "shipped")
+    back = MPlus.from_pretrained(out, base=tmp_path / "base")
+    assert torch.equal(back.bos_embedding, model.bos_embedding.bfloat16().float())
+    tiny_llama(seed=1).save_pretrained(tmp_path / "other")
+    with pytest.raises(CliError, match="changed"):
+        ship(tmp_path / "full", tmp_path / "other", tmp_path / "shipped2")

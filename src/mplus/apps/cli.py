@@ -126,6 +126,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run(args)
 
 
+def cmd_ship(args: argparse.Namespace) -> None:
+    from mplus.apps.ship import main
+    main(args)
+
+
+def cmd_demo_real(args: argparse.Namespace) -> None:
+    from mplus.apps.demo_real import run
+    run(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "memory":
         from mplus.apps.bench_memory import main as bench_memory
@@ -171,6 +181,7 @@ def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int, int8: boo
 
 def build_parser() -> argparse.ArgumentParser:
     from mplus.apps.demo import __doc__ as demo_doc, add_arguments as add_demo_arguments
+    from mplus.apps.demo_real import __doc__ as real_doc, add_arguments as add_real_arguments
     parser = argparse.ArgumentParser(prog="mplus", description="M+ and MemoryLLM on a hand-written Llama-3.1.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -258,6 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description=demo_doc.split("\n\n")[0])
     add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("ship", help="keep only what memory training added to a frozen base, naming the base by hash",
+                       description="Write an M+ folder holding only the adapters, retriever, embeddings and memory, "
+                                   "with the sha256 of the frozen base it needs.")
+    p.add_argument("--model", required=True, type=arg.model_folder_with_tokenizer, help="the trained M+ folder")
+    p.add_argument("--base", required=True, type=arg.model_folder, help="the base folder it was trained around")
+    p.add_argument("--out", required=True, type=arg.output_folder, help="where to write the shipped folder")
+    p.set_defaults(func=cmd_ship)
+
+    p = sub.add_parser("demo-real", help="SmolLM2 with a trained memory: your paragraph under filler, asked back, "
+                                         "M+ vs MemoryLLM", description=real_doc.split("\n\n")[0])
+    add_real_arguments(p)
+    p.set_defaults(func=cmd_demo_real)
 
     p = sub.add_parser("bench", help="benchmarks: `mplus bench retention` (how long M+ remembers), "
                                      "`mplus bench memory` (STM key/value cache, retrieval scaling), "
