@@ -74,3 +74,18 @@ def test_ltm_rows_expire_after_the_lifetime_the_benchmark_states():
     for l in range(state.num_layers):
         oldest = int(state.ltm[l].ages.max())
         assert k * (life - every) <= oldest < k * (life + every)
+
+
+def test_episodes_in_two_processes_count_the_same(result):
+    """--jobs 2 splits the episodes across two processes: every count equals the one-process run's (the sums
+    of random rates up to float summation order)."""
+    folder = tiny_model_path()
+    model = MPlus.from_pretrained(folder)
+    tokenizer = Tokenizer.from_file(folder)
+    kwargs = dict(seed=11, episodes=5, distances=[0, 3], chunk_words=24, filler_words=6, progress=False)
+    one, two = run(model, tokenizer, **kwargs), run(model, tokenizer, jobs=2, folder=folder, **kwargs)
+    for a, b in zip(one.pop("recall"), two.pop("recall")):
+        assert a[:2] == b[:2] and a[3] == b[3] and a[2] == pytest.approx(b[2], rel=1e-12)
+    assert one == two
+    skipping = run(model, tokenizer, skip=("in_context",), **kwargs)
+    assert skipping["accuracy"]["in_context"] == [None, None] and skipping["accuracy"]["mplus"] == one["accuracy"]["mplus"]

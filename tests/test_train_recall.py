@@ -167,3 +167,13 @@ def test_pending_questions_come_back_with_their_query_length():
 def test_damaged_pending_questions_are_refused(tensors, meta, message):
     with pytest.raises(TrainStateError, match=message):
         pending_from(tensors, meta, _fake_model())
+
+
+def test_recall_stages_refuse_torchrun(monkeypatch, tmp_path):
+    from mplus.train.distributed import DistributedError
+    from mplus.train.recall import RecallConfig, train
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = RecallConfig(ltm=False, init=tmp_path, seed=0, steps=1, lr=0.0, selector_lr=1e-3, fact_ratio=0.3,
+                          fresh_ratio=0.2, filler_words=4, chunk_words=8, max_delay=2, out=tmp_path / "out")
+    with pytest.raises(DistributedError, match="without torchrun"):
+        train(config)

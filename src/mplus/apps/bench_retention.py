@@ -51,8 +51,13 @@ OFFICIAL_INITIAL_RF = 10.0  # initial_rf_when_moving_stm_to_ltm of the released 
 def answered(model: MPlus, tokenizer: Tokenizer, state, prompt: str, answer: str) -> bool:
     """Whether the first line of the greedy reply to `prompt` (the question as the model reads it; at most 16
     tokens, up to the model's end-of-text token or a line break) contains the answer."""
-    out = model.generate(state, tokenizer.encode(prompt), max_new_tokens=16, stop_ids=stop_ids(model, tokenizer))
-    return is_right(first_line(tokenizer, out), answer, model.memory_config.task)
+    out, task = [], model.memory_config.task
+    for token in model.generate_tokens(state, tokenizer.encode(prompt), max_new_tokens=16,
+                                       stop_ids=stop_ids(model, tokenizer)):
+        out.append(token)
+        if is_right(first_line(tokenizer, out), answer, task):  # the verdict cannot change: stop decoding
+            return True
+    return is_right(first_line(tokenizer, out), answer, task)
 
 
 def stop_ids(model: MPlus, tokenizer: Tokenizer) -> set[int]:
@@ -122,32 +127,64 @@ def write_both(model: MPlus, state, big: MPlus | None, big_state, ids: list[int]
 
 
 def run(model: MPlus, tokenizer: Tokenizer, *, seed: int, episodes: int, distances: list[int], chunk_words: int,
-        filler_words: int, progress: bool = True, in_context_tokens: int | None = None) -> dict:
+        filler_words: int, progress: bool = True, in_context_tokens: int | None = None,
+        skip: tuple[str, ...] = (), jobs: int = 1, folder: str | Path | None = None) -> dict:
     """Accuracy per model and distance (in chunks), mean token distance, retriever recall per distance, and
     M+'s accuracy per question form (plain / chat; the tiny model's questions are all plain).
 
     accuracy["in_context"][j] is None where some episode's prompt does not fit the model's positions, or is
-    longer than in_context_tokens."""
+    longer than in_context_tokens. skip leaves out baselines (memoryllm_nR, in_context) to save time. jobs > 1
+    runs the episodes in that many processes (each loads the model from `folder`, one thread each): episodes
+    are independent and seeded by their index, so the result is the same."""
     distances = sorted(set(distances))
     names = model_names(model)
-    big_name, skipped = names[2], {}
-    try:
-        big = same_size_memoryllm(model)
-    except ValueError as e:  # a stored memory whose LTM holds fewer than K0 rows (e.g. fresh from a Llama)
-        big, skipped[big_name] = None, str(e)
+    big_name, skipped = names[2], {m: "left out (--skip)" for m in skip}
+    test = trials(model, tokenizer, seed=seed, episodes=episodes, n_chunks=max(distances), chunk_words=chunk_words,
+                  filler_words=filler_words)
+    job = dict(seed=seed, distances=distances, in_context_tokens=in_context_tokens, skip=tuple(skip),
+               chunk_words=chunk_words, filler_words=filler_words, episodes=episodes)
+    if jobs > 1:
+        counts = _in_processes(folder, model.memory_config.to_dict(), job, jobs)
+    else:
+        counts = _count(model, tokenizer, test, range(episodes), job, progress)
+    if counts["big_error"]:
+        skipped[big_name] = counts["big_error"]
+    hits, fits = counts["hits"], counts["fits"]
+    accuracy = {m: [h / episodes for h in hits[m]] for m in names}
+    accuracy["in_context"] = [a if f == episodes else None for a, f in zip(accuracy["in_context"], fits)]
+    for m in skipped:
+        accuracy[m] = [None] * len(distances)
+    mem = model.memory_config
+    forms = {f: sum(ep["form"] == f for ep in test) for f in FORMS}
+    return {"distances": distances, "tokens": [t / episodes for t in counts["tokens"]], "episodes": episodes,
+            "models": names, "accuracy": accuracy, "recall": counts["recall"], "skipped": skipped,
+            "mplus_by_form": {f: [h / forms[f] for h in counts["by_form"][f]] for f in FORMS if forms[f]},
+            "ltm": {"initial_rf": mem.initial_rf_when_moving_stm_to_ltm, "decay": mem.decay_frequency,
+                    "merge_every": mem.update_ltm_frequency, "lifetime": ltm_lifetime(mem)}}
+
+
+def _count(model: MPlus, tokenizer: Tokenizer, test: list[dict], indices, job: dict, progress: bool) -> dict:
+    """Hit counts of the episodes `indices` of `test` (plain lists and numbers, summable across processes)."""
+    distances, seed, skip = job["distances"], job["seed"], job["skip"]
+    names = model_names(model)
+    big_name, big, big_error = names[2], None, None
+    if big_name not in skip:
+        try:
+            big = same_size_memoryllm(model)
+        except ValueError as e:  # a stored memory whose LTM holds fewer than K0 rows (e.g. fresh from a Llama)
+            big_error = str(e)
     hits = {m: [0] * len(distances) for m in names}
     tokens, fits = [0] * len(distances), [0] * len(distances)
     recall = [[0, 0, 0.0, 0] for _ in distances]  # retrieved, stored, sum of random rates, layer count
     by_form = {f: [0] * len(distances) for f in FORMS}
-    test = trials(model, tokenizer, seed=seed, episodes=episodes, n_chunks=max(distances), chunk_words=chunk_words,
-                  filler_words=filler_words)
-    for i, ep in enumerate(tqdm(test, desc="retention", unit="episode", disable=not progress)):
+    for i in tqdm(indices, desc="retention", unit="episode", disable=not progress):
+        ep = test[i]
         state = model.initial_state(seed=seed * 100_003 + i)
         big_state = big and big.initial_state(seed=seed * 100_003 + i)  # own generator: drops from N + K0 rows
         prompt = ep["prompt"]
         floor = answered(model, tokenizer, state.copy(), prompt, ep["answer"])
         block = write_both(model, state, big, big_state, tokenizer.encode(ep["paragraph"]))  # [L, K, d]
-        written, c, fitting = 0, 0, True
+        written, c, fitting = 0, 0, "in_context" not in skip
         for j, d in enumerate(distances):
             for chunk in ep["distractors"][c:d]:
                 ids = tokenizer.encode(chunk)
@@ -164,27 +201,45 @@ def run(model: MPlus, tokenizer: Tokenizer, *, seed: int, episodes: int, distanc
                 hits[big_name][j] += answered(big, tokenizer, big_state, prompt, ep["answer"])
             if fitting:
                 ids = tokenizer.encode(ep["context"](d))
-                fitting = fits_in_context(model, len(ids)) and len(ids) <= (in_context_tokens or len(ids))
+                fitting = fits_in_context(model, len(ids)) and len(ids) <= (job["in_context_tokens"] or len(ids))
                 if fitting:
                     fits[j] += 1
                     reply = first_line(tokenizer, in_context_reply(model, ids))
                     hits["in_context"][j] += is_right(reply, ep["answer"], model.memory_config.task)
             for got, stored, rate in recall_counts(model, tokenizer, state, prompt, block):
-                recall[j][0] += got
-                recall[j][1] += stored
-                recall[j][2] += rate
-                recall[j][3] += 1
-    accuracy = {m: [h / episodes for h in hits[m]] for m in names}
-    accuracy["in_context"] = [a if f == episodes else None for a, f in zip(accuracy["in_context"], fits)]
-    if big is None:
-        accuracy[big_name] = [None] * len(distances)
-    mem = model.memory_config
-    forms = {f: sum(ep["form"] == f for ep in test) for f in FORMS}
-    return {"distances": distances, "tokens": [t / episodes for t in tokens], "episodes": episodes,
-            "models": names, "accuracy": accuracy, "recall": recall, "skipped": skipped,
-            "mplus_by_form": {f: [h / forms[f] for h in by_form[f]] for f in FORMS if forms[f]},
-            "ltm": {"initial_rf": mem.initial_rf_when_moving_stm_to_ltm, "decay": mem.decay_frequency,
-                    "merge_every": mem.update_ltm_frequency, "lifetime": ltm_lifetime(mem)}}
+                recall[j] = [recall[j][0] + got, recall[j][1] + stored, recall[j][2] + rate, recall[j][3] + 1]
+    return dict(hits=hits, tokens=tokens, fits=fits, recall=recall, by_form=by_form,
+                big_error=big_error if big_name not in skip else None)
+
+
+def _worker(folder: str, memory: dict, job: dict, indices: list[int]) -> dict:
+    """One process's share of the episodes: the model loaded anew, one thread."""
+    torch.set_num_threads(1)
+    model = load_mplus(folder)
+    model.memory_config = MemoryConfig.from_dict(memory)  # with --initial-rf as the parent set it
+    tokenizer = Tokenizer.from_file(folder)
+    test = trials(model, tokenizer, seed=job["seed"], episodes=job["episodes"], n_chunks=max(job["distances"]),
+                  chunk_words=job["chunk_words"], filler_words=job["filler_words"])
+    return _count(model, tokenizer, test, indices, job, progress=indices[0] == 0)
+
+
+def _in_processes(folder, memory: dict, job: dict, jobs: int) -> dict:
+    """_count over every episode, split across `jobs` spawned processes, the counts summed."""
+    import multiprocessing
+    if folder is None:
+        raise ValueError("jobs > 1 needs the model's folder: each process loads the model itself")
+    shares = [list(range(k, job["episodes"], jobs)) for k in range(jobs)]
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        parts = pool.starmap(_worker, [(str(folder), memory, job, share) for share in shares if share])
+    total = parts[0]
+    for part in parts[1:]:
+        for key in ("hits", "by_form"):
+            for m in total[key]:
+                total[key][m] = [a + b for a, b in zip(total[key][m], part[key][m])]
+        total["tokens"] = [a + b for a, b in zip(total["tokens"], part["tokens"])]
+        total["fits"] = [a + b for a, b in zip(total["fits"], part["fits"])]
+        total["recall"] = [[a + b for a, b in zip(r, q)] for r, q in zip(total["recall"], part["recall"])]
+    return total
 
 
 def interference(model: MPlus, tokenizer: Tokenizer, *, seed: int, episodes: int, n_people: int = 5,
@@ -306,6 +361,13 @@ def chart(result: dict, path: str | Path, title: str) -> None:
                x_label="distance: tokens injected after the fact", y_label="accuracy", markers=markers)
 
 
+def skip_list(value: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names or not set(names) <= {"memoryllm_nR", "in_context"}:
+        raise argparse.ArgumentTypeError(f"{value!r}: name memoryllm_nR and/or in_context, comma-separated")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mplus bench retention", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, type=arg.model_folder_with_tokenizer, help="M+ folder (default: the shipped tiny model, checkpoints/tiny-mplus)")
@@ -324,6 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-context-tokens", type=arg.positive_int, default=None,
                    help="measure the in-context bound only where its prompt has at most this many tokens (default: "
                         "wherever it fits the model's positions; long prompts are slow on a CPU)")
+    p.add_argument("--skip", type=skip_list, default=(),
+                   help="baselines to leave out, comma-separated: memoryllm_nR (the same-size MemoryLLM) and/or "
+                        "in_context (each costs time on a real model)")
+    p.add_argument("--jobs", type=arg.positive_int, default=1,
+                   help="run the episodes in this many processes, one thread each (same result; default 1)")
     p.add_argument("--interference", type=arg.non_negative_int, default=None,
                    help="episodes of five people's facts of one kind, each person then asked (default: 20 for a "
                         "model trained on people, 0 for the tiny model, whose data has no such test)")
@@ -345,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer.check_model_vocab(model.config.vocab_size)
     torch.manual_seed(0)  # nothing should draw from the global generator; this makes sure of it
     result = run(model, tokenizer, seed=args.seed, episodes=args.episodes, distances=distances,
-                 chunk_words=args.chunk_words, filler_words=args.filler_words, in_context_tokens=args.in_context_tokens)
+                 chunk_words=args.chunk_words, filler_words=args.filler_words, in_context_tokens=args.in_context_tokens,
+                 skip=tuple(model_names(model)[2] if m == "memoryllm_nR" else m for m in args.skip), jobs=args.jobs,
+                 folder=folder)
     print(summary(result))
     people = model.memory_config.task == "people"
     n_interference = args.interference if args.interference is not None else 20 if people else 0

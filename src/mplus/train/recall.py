@@ -55,6 +55,7 @@ from mplus.memory.mplus import MPlus
 from mplus.memory.retriever import relevance
 from mplus.train.base import config_fields, read_stage_config
 from mplus.train.memory import answer_loss, stage1_loss, trainable_parameters
+from mplus.train.distributed import DistributedError, world_from_env
 from mplus.train.resume import Run, TrainStateError, check_tensor, named, resume, save
 from mplus.train.tasks import Task
 
@@ -153,6 +154,9 @@ def pending_from(tensors: dict[str, torch.Tensor], meta: dict, model: MPlus) -> 
 
 def train(config: RecallConfig, *, max_steps: int | None = None, progress: bool = True) -> list[float]:
     """Run (or resume) stage 2 or 3; returns the losses of the steps run now. Writes an official-layout M+ folder."""
+    if world_from_env().size > 1:  # one memory evolves chunk by chunk: there is no batch to share out
+        raise DistributedError("stages 2 and 3 train on one memory stream, chunk by chunk, in one process; run them "
+                               "without torchrun (stage 1 and the base stage are the data-parallel ones)")
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizers.Tokenizer.from_file(str(config.init / "tokenizer.json"))
