@@ -55,8 +55,8 @@ def new_state(model, stm: torch.Tensor, ltm, keys, ages, rf, seed: int = 0) -> M
                        update_step=0, generator=torch.Generator().manual_seed(seed))
 
 
-def load(cls, path: str | Path, dtype: torch.dtype, progress: bool, rope_bf16: bool):
-    """cls built on the meta device, filled from an official-layout folder, with its stored memory."""
+def load(cls, path: str | Path, dtype: torch.dtype, progress: bool, rope_bf16: bool, stored_memory: bool = True):
+    """cls built on the meta device, filled from an official-layout folder, with its stored memory if asked."""
     folder = Path(path)
     raw = read_config(folder)
     config, memory = LlamaConfig.from_dict(raw), MemoryConfig.from_dict(raw)
@@ -67,7 +67,7 @@ def load(cls, path: str | Path, dtype: torch.dtype, progress: bool, rope_bf16: b
     tied = config.tie_word_embeddings
     load_state_into(model, folder, progress=progress, optional=("lm_head.weight",) if tied else (),
                     rename=lambda n: None if is_state_key(n) or (tied and n == "lm_head.weight") else n)
-    model.checkpoint_state = _stored_state(model, folder)
+    model.checkpoint_state = _stored_state(model, folder) if stored_memory else None
     if rope_bf16:
         model.inv_freq = model.inv_freq.bfloat16().float()
     return model.eval()
@@ -188,9 +188,16 @@ def save(model, path: str | Path, state: MemoryState, max_shard_bytes: int | Non
             tensors[f"ltm_ages.{l}"] = m.ages.float()
             tensors[f"ltm_recall_frequencies.{l}"] = m.rf.float()
     save_tensors(tensors, folder, max_shard_bytes)
-    mplus = model.memory_config.kind == "mplus"  # the official class names: MPlus, MemoryLLM
-    config = {**model.config.to_dict(), **model.memory_config.to_dict(),
-              "architectures": ["MPlus" if mplus else "MemoryLLM"]}
-    if mplus:
-        config["ltm_initial_size"] = max((len(m) for m in state.ltm), default=0)
+    ltm_size = max((len(m) for m in state.ltm), default=0) if state.has_ltm else 0
+    config = config_dict(model.config, model.memory_config, ltm_size)
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
+
+
+def config_dict(config: LlamaConfig, memory: MemoryConfig, ltm_size: int) -> dict:
+    """The config.json of a checkpoint in the official layout, naming the official class (MPlus, MemoryLLM); an M+
+    one records the LTM rows per layer stored beside it (ltm_initial_size), as the official code does."""
+    mplus = memory.kind == "mplus"
+    out = {**config.to_dict(), **memory.to_dict(), "architectures": ["MPlus" if mplus else "MemoryLLM"]}
+    if mplus:
+        out["ltm_initial_size"] = ltm_size
+    return out
