@@ -13,7 +13,8 @@ import torch
 
 from mplus import Llama, MPlus
 from mplus.apps.baselines import fits_in_context, in_context_reply, same_size_memoryllm
-from mplus.apps.bench_retention import d50, default_distances, ltm_lifetime, summary, to_csv, write_both
+from mplus.apps.bench_retention import d50, default_distances, ltm_lifetime, summary, to_csv
+from mplus.apps.retention_episodes import write_both
 from mplus.apps.chart import line_chart
 from mplus.data.facts import distractor_chunk
 from mplus.memory.ltm import merge

@@ -92,6 +92,33 @@ def test_initial_state_copies_nothing_and_writes_leave_the_stored_memory(model):
     assert torch.equal(model.initial_state(seed=3).stm, before.stm)
 
 
+def test_a_taken_state_writes_the_stored_memory_in_place_from_the_first_chunk(llama_dir):
+    model = MPlus.from_llama(llama_dir, MemoryConfig(**MPLUS), seed=1)
+    stm, where = model.checkpoint_state.stm.clone(), model.checkpoint_state.stm.data_ptr()
+    state = model.initial_state(seed=3, take=True)
+    assert model.checkpoint_state is None and state.stm.data_ptr() == where
+    block = model.new_memory_block(state.stm, torch.tensor(chunk(0)))  # [L, K, d]
+    with Allocations() as a:
+        model.write(state, block, torch.Generator().manual_seed(9))
+    assert state.stm.data_ptr() == where  # no second STM, even at the first write
+    assert a.largest() <= stm[0].numel() * stm.element_size()
+    g = torch.Generator().manual_seed(9)
+    for l in range(L):
+        kept, _ = draw_drop(stm.shape[1], 4, g)
+        assert torch.equal(state.stm[l], torch.cat((stm[l, kept], block[l])))
+    with pytest.raises(ValueError, match="holds no stored memory"):
+        model.initial_state()
+
+
+def test_a_model_loaded_without_its_stored_memory_holds_none(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    bare = MPlus.from_pretrained(tmp_path, stored_memory=False)
+    assert bare.checkpoint_state is None
+    assert bare.state_spec() == model.state_spec()  # states saved with the full model still load into it
+    with pytest.raises(ValueError, match="holds no stored memory"):
+        bare.save_pretrained(tmp_path / "again")
+
+
 # ------------------------------------------------------------------------------------------- 3. in-place STM write
 
 def test_a_write_updates_the_stm_in_place(llama_dir):

@@ -203,29 +203,46 @@ def save_tensors(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: 
     which loading verifies. Files of the old layout go after the commit; leftovers of killed saves (temporary
     files, shards no index names) at the start of the next save.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(folder)
-    _remove_unused_shards(folder, _named_shards(folder))
-    if not max_shard_bytes:
-        with atomic_path(folder / SINGLE_FILE) as tmp:
-            write_file(tmp, state, FORMAT_METADATA)
-        (folder / INDEX_FILE).unlink(missing_ok=True)  # an old index would shadow the new file: drop it next
-        _remove_unused_shards(folder, set())
+    if max_shard_bytes:
+        shards = _split(state, max_shard_bytes)
+        save_shards(iter(shards), len(shards), folder)
         return
-    shards, weight_map, digests = _split(state, max_shard_bytes), {}, {}
-    for i, shard in enumerate(shards):
-        stem = f"model-{i + 1:05d}-of-{len(shards):05d}"
+    _prepare(folder)
+    with atomic_path(folder / SINGLE_FILE) as tmp:
+        write_file(tmp, state, FORMAT_METADATA)
+    (folder / INDEX_FILE).unlink(missing_ok=True)  # an old index would shadow the new file: drop it next
+    _remove_unused_shards(folder, set())
+
+
+def save_shards(shards: Iterable[dict[str, torch.Tensor]], count: int, folder: Path) -> None:
+    """Write `count` shards, each made only when the previous one is on disk, then their index (the commit), as
+    save_tensors does: a checkpoint larger than memory can be written shard by shard (bench/scale.py)."""
+    _prepare(folder)
+    weight_map, digests, total = {}, {}, 0
+    for shard in shards:  # not enumerate: its reused result tuple would keep the last shard alive into the next
+        if len(digests) == count:
+            raise ValueError(f"save_shards was promised {count} shards and got more; nothing was committed")
+        stem = f"model-{len(digests) + 1:05d}-of-{count:05d}"
         with temp_path(folder, f"{stem}.safetensors") as tmp:
             digest = write_file(tmp, shard, FORMAT_METADATA, sha256=True)
             file = f"{stem}-{digest[:16]}.safetensors"
             commit(tmp, folder / file)
         weight_map.update(dict.fromkeys(shard, file))
         digests[file] = digest
-    total = sum(t.numel() * t.element_size() for t in state.values())
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        del shard  # before the next shard is made
+    if len(digests) != count:
+        raise ValueError(f"save_shards was promised {count} shards and got {len(digests)}; nothing was committed")
     index = {"metadata": {"total_size": total, DIGESTS_KEY: digests}, "weight_map": weight_map}
     atomic_write_text(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n")  # the commit
     (folder / SINGLE_FILE).unlink(missing_ok=True)
     _remove_unused_shards(folder, set(digests))
+
+
+def _prepare(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    _remove_unused_shards(folder, _named_shards(folder))
 
 
 def _split(state: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list[dict[str, torch.Tensor]]:

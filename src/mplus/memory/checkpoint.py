@@ -57,9 +57,10 @@ def new_state(model, stm: torch.Tensor, ltm, keys, ages, rf, seed: int = 0) -> M
                        update_step=0, generator=torch.Generator().manual_seed(seed))
 
 
-def load(cls, path: str | Path, dtype: torch.dtype, progress: bool, rope_bf16: bool, base: str | Path | None = None):
-    """cls built on the meta device, filled from an official-layout folder, with its stored memory; a folder
-    naming its base (base_ref) is filled from that base (`base`, else found by name) and then from the folder."""
+def load(cls, path: str | Path, dtype: torch.dtype, progress: bool, rope_bf16: bool, stored_memory: bool = True,
+         base: str | Path | None = None):
+    """cls built on the meta device, filled from an official-layout folder, with its stored memory if asked; a
+    folder naming its base (base_ref) is filled from that base (`base`, else found by name), then from itself."""
     folder = Path(path)
     raw = read_config(folder)
     config, memory = LlamaConfig.from_dict(raw), MemoryConfig.from_dict(raw)
@@ -82,7 +83,7 @@ def load(cls, path: str | Path, dtype: torch.dtype, progress: bool, rope_bf16: b
         load_state_into(model, base, progress=progress, optional=[n for n in names if n not in frozen.values()],
                         rename=lambda n: None if tied and n == "lm_head.weight" else frozen.get(n, n))
         load_state_into(model, folder, optional=list(frozen.values()), rename=lambda n: None if is_state_key(n) else n)
-    model.checkpoint_state = _stored_state(model, folder)
+    model.checkpoint_state = _stored_state(model, folder) if stored_memory else None
     if rope_bf16:
         model.inv_freq = model.inv_freq.bfloat16().float()
     return model.eval()
@@ -208,11 +209,18 @@ def save(model, path: str | Path, state: MemoryState, max_shard_bytes: int | Non
         tensors = base_ref.shipped_tensors({n: t for n, t in tensors.items()
                                             if is_state_key(n) or not base_ref.is_base_weight(n)})
     save_tensors(tensors, folder, max_shard_bytes)
-    mplus = model.memory_config.kind == "mplus"  # the official class names: MPlus, MemoryLLM
-    config = {**model.config.to_dict(), **model.memory_config.to_dict(),
-              "architectures": ["MPlus" if mplus else "MemoryLLM"]}
-    if mplus:
-        config["ltm_initial_size"] = max((len(m) for m in state.ltm), default=0)
+    ltm_size = max((len(m) for m in state.ltm), default=0) if state.has_ltm else 0
+    config = config_dict(model.config, model.memory_config, ltm_size)
     if base is not None:
         config[base_ref.BASE_KEY] = base
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
+
+
+def config_dict(config: LlamaConfig, memory: MemoryConfig, ltm_size: int) -> dict:
+    """The config.json of a checkpoint in the official layout, naming the official class (MPlus, MemoryLLM); an M+
+    one records the LTM rows per layer stored beside it (ltm_initial_size), as the official code does."""
+    mplus = memory.kind == "mplus"
+    out = {**config.to_dict(), **memory.to_dict(), "architectures": ["MPlus" if mplus else "MemoryLLM"]}
+    if mplus:
+        out["ltm_initial_size"] = ltm_size
+    return out

@@ -73,15 +73,15 @@ class MPlus(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
-                        rope_bf16: bool = False, base: str | Path | None = None) -> "MPlus":
+                        rope_bf16: bool = False, base: str | Path | None = None,
+                        stored_memory: bool = True) -> "MPlus":
         """Load an official-layout M+ or MemoryLLM folder (weights plus the memory stored with them).
 
-        rope_bf16: round the RoPE inverse frequencies to bf16, as the official bf16 README path does by
-        casting the model twice (docs/departures.md); needed for bit-parity with the released models run that way.
-        base: for a folder that names its frozen base (memory/base_ref.py), the base's folder (default: found by
-        name in the cache root); its hash must match.
+        rope_bf16: round the RoPE inverse frequencies to bf16 as the official bf16 path does (docs/departures.md).
+        base: the frozen base's folder for a folder that names one (memory/base_ref.py; default: found by name).
+        stored_memory False: leave the stored memory on disk (checkpoint_state None; 3.4 GB less at 8B sizes).
         """
-        return mplus_checkpoint.load(cls, path, dtype, progress, rope_bf16, base)
+        return mplus_checkpoint.load(cls, path, dtype, progress, rope_bf16, stored_memory, base)
 
     @classmethod
     def from_llama(cls, path: str | Path, memory: MemoryConfig, *, seed: int = 0,
@@ -91,18 +91,25 @@ class MPlus(nn.Module):
         Kaiming-uniform, B = 0; retriever weights ~ N(0, 0.02); empty LTM."""
         return mplus_checkpoint.from_llama(cls, path, memory, seed, dtype)
 
-    def initial_state(self, seed: int = 0) -> MemoryState:
+    def initial_state(self, seed: int = 0, take: bool = False) -> MemoryState:
         """The memory stored with the weights, as a new state; `seed` seeds the generator of its STM drops.
 
         The state shares the stored tensors instead of copying them (at the released 8B sizes the STM alone is
         2.7 GB in bf16): questions read them as they are, and the first write gives the state an STM of its own
         (MemoryState.shares_memory), so the stored memory never changes. copy() makes a fully independent state.
+        take: hand the stored memory over to the state instead (the model keeps none: checkpoint_state becomes
+        None), so that even the first write updates the STM in place, never holding a second one.
         """
         stored = self.checkpoint_state
+        if stored is None:
+            raise ValueError("this model holds no stored memory (loaded with stored_memory=False, or handed over by "
+                             "initial_state(take=True)); load a state with MemoryState.load, or reload the model")
         state = MemoryState(stm=stored.stm, stm_ages=stored.stm_ages, update_step=stored.update_step,
                             ltm=None if stored.ltm is None else [dataclasses.replace(m) for m in stored.ltm],
                             generator=torch.Generator().manual_seed(seed), initialized=stored.initialized,
-                            shares_memory=True)
+                            shares_memory=not take)
+        if take:
+            self.checkpoint_state = None
         state.weights = weights_fingerprint(self)  # saved with the state: a load into other weights is refused
         return state
 
@@ -122,7 +129,10 @@ class MPlus(nn.Module):
 
         The layout has no place for STM ages, the dropped-row cache or the generator: state.save() keeps those.
         """
-        mplus_checkpoint.save(self, path, state or self.checkpoint_state, max_shard_bytes, base)
+        state = state or self.checkpoint_state
+        if state is None:
+            raise ValueError("this model holds no stored memory to save with its weights; pass the state to save")
+        mplus_checkpoint.save(self, path, state, max_shard_bytes, base)
 
     # ----------------------------------------------------------------------------------------- checks
 

@@ -18,7 +18,6 @@ import tokenizers
 import torch
 
 from mplus.data import facts
-from mplus.data import people as P
 from mplus.data.people_docs import memory_chunk
 from mplus.data.prose import passage
 from mplus.llama.tokenizer import chatml_chat
