@@ -11,7 +11,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 export MPLUS_CACHE ?= $(CURDIR)/.cache/mplus
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo demo-llama demo-real train-smol test test-slow test-all bench bench-retention bench-soak train-tiny venv fetch clean
+.PHONY: demo demo-llama demo-real train-smol test test-slow test-gpu bench-scale test-all bench bench-retention bench-soak train-tiny venv fetch clean
 
 venv: $(VENV)/.installed
 
@@ -72,16 +72,26 @@ bench-soak: venv
 	$(VENV)/bin/mplus bench soak --seed 0
 
 test: fetch
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not gpu"
 
 test-slow: fetch
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m "slow and not gpu"
+
+# M+ on a CUDA device with the LTM in host memory, against the CPU path (docs/placement.md). Needs a CUDA build
+# of torch in the venv (the default venv installs the CPU wheel); without CUDA every test skips.
+test-gpu: venv
+	$(PY) -m pytest -q -s -m gpu tests/test_gpu.py
 
 test-all: fetch
 	$(PY) -m pytest -q
 
 bench: fetch
 	$(PY) bench/llama.py
+
+# The released mplus-8b shape on random weights, one fresh process per step, peak RSS checked against 23 GB
+# (docs/performance.md): about 20 GB of disk under /tmp and 10-20 minutes on 2 cores.
+bench-scale: venv
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) bench/scale.py --shape 8b --out /tmp/mplus-scale
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

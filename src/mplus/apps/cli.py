@@ -164,6 +164,12 @@ def _model_options(p: argparse.ArgumentParser, int8: bool = False) -> None:
                                       "activations (a quarter of float32's memory)" if int8 else ""))
 
 
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=arg.device, default="cpu",
+                   help="where the model computes: cpu (default) or cuda[:N]; the long-term memory stays in host "
+                        "memory and only the retrieved rows move (docs/placement.md)")
+
+
 def _key_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-file", type=arg.input_file, metavar="FILE",
                    help="sign the state file with the bytes of FILE (HMAC-SHA256; at least 16 random bytes) and "
@@ -229,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inject a text under 16 tokens too (M+ was trained on chunks of at least 16)")
     _key_option(p)
     _model_options(p)
+    _device_option(p)
     p.set_defaults(func=cmd_inject)
 
     p = sub.add_parser("ask", help="answer a question from a memory state, streaming",
@@ -243,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ltm", action="store_true", help="answer as MemoryLLM: ignore the long-term memory")
     _key_option(p)
     _sampling_options(p, 64)
+    _device_option(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("inspect", help="show what a memory state holds (and what a question would retrieve)",
@@ -256,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", type=arg.question, help="show the retrieval this question would make (asked as `mplus ask` asks it)")
     p.add_argument("--show", type=arg.positive_int, default=12, help="retrieved rows shown per layer (default 12)")
     _key_option(p)
+    _device_option(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("train", help="train from a TOML config (stages \"base\", \"memory1\", \"memory2\", \"memory3\")",

@@ -122,6 +122,15 @@ def input_path(value: str) -> Path:
     return path
 
 
+def device(value: str) -> torch.device:
+    """A torch device this machine has: cpu, cuda, cuda:1, ..."""
+    from mplus.memory.placement import as_device
+    try:
+        return as_device(value)
+    except (RuntimeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e).splitlines()[0]) from None
+
+
 def model_folder(value: str) -> Path:
     """An HF-layout model folder: a folder holding config.json."""
     path = Path(value)

@@ -37,7 +37,7 @@ def _load_memory_model(args: argparse.Namespace):
                        "text with `mplus generate` or chat with `mplus chat`; for a memory, point at an M+ or "
                        "MemoryLLM folder (e.g. checkpoints/tiny-mplus)")
     tokenizer = Tokenizer.from_file(args.tokenizer or folder)
-    model = load_mplus(folder, dtype=weight_dtype(args, folder), progress=True)
+    model = load_mplus(folder, dtype=weight_dtype(args, folder), progress=True, device=args.device)
     tokenizer.check_model_vocab(model.config.vocab_size)
     return model, tokenizer
 
@@ -45,7 +45,7 @@ def _load_memory_model(args: argparse.Namespace):
 def _load_state(model, path: Path, key: bytes | None, seed: int = 0):
     from mplus.memory.state import MemoryState
     if path.exists():
-        return MemoryState.load(path, expect=model.state_spec(), key=key)
+        return MemoryState.load(path, expect=model.state_spec(), key=key, placement=model.placement)
     return model.initial_state(seed)
 
 
@@ -110,7 +110,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     model = tokenizer = None
     if args.model:
         model, tokenizer = _load_memory_model(args)
-    state = MemoryState.load(args.state, expect=model.state_spec() if model else None, key=_read_key(args))
+    state = MemoryState.load(args.state, expect=model.state_spec() if model else None, key=_read_key(args),
+                             placement=model.placement if model else None)
     print(state.describe())
     if args.question:
         record = []

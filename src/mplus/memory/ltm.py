@@ -35,6 +35,9 @@ class DroppedRows:
     def copy(self) -> "DroppedRows":
         return DroppedRows(self.rows.clone(), self.keys.clone(), self.ages.clone())
 
+    def to(self, host: torch.device, keys: torch.device) -> "DroppedRows":
+        return DroppedRows(self.rows.to(host), self.keys.to(keys), self.ages.to(host))
+
     def cleared(self) -> "DroppedRows":
         return DroppedRows(self.rows[:0], self.keys[:0], self.ages[:0])
 
@@ -69,6 +72,11 @@ class LayerLTM:
     def copy(self) -> "LayerLTM":
         return LayerLTM(self.rows.clone(), self.keys.clone(), self.ages.clone(), self.rf.clone(), self.cache.copy())
 
+    def to(self, host: torch.device, keys: torch.device) -> "LayerLTM":
+        """This record with its keys (LTM and cache) on `keys`, everything else on `host` (mplus.memory.placement)."""
+        return LayerLTM(self.rows.to(host), self.keys.to(keys), self.ages.to(host), self.rf.to(host),
+                        self.cache.to(host, keys))
+
     def pool(self, field: str = "rows") -> torch.Tensor:
         """The retrieval candidates [LTM; cache] of one field ("rows" [S + c, d], "keys" [S + c, d_s], "ages"), as
         one new tensor: for inspection; answering reads only pool_slice and at."""
@@ -83,11 +91,13 @@ class LayerLTM:
             return cached[start - S:end - S].to(mine.dtype)
         return torch.cat((mine[start:], cached[:end - S].to(mine.dtype)))
 
-    def at(self, field: str, picks: torch.Tensor) -> torch.Tensor:
+    def at(self, field: str, picks: torch.Tensor, pin: bool = False) -> torch.Tensor:
         """One field at pool indices picks [r] (0..S-1 LTM rows, S.. cached rows): [r, ...], gathering just those
-        rows, never the whole pool."""
+        rows, never the whole pool. pin: gather into page-locked memory, from which a copy to a CUDA device is
+        asynchronous (mplus.memory.placement)."""
         mine, cached, in_cache = getattr(self, field), getattr(self.cache, field), picks >= len(self)
-        out = mine.new_empty((picks.shape[0], *mine.shape[1:]))  # [r, ...]
+        out = torch.empty((picks.shape[0], *mine.shape[1:]), dtype=mine.dtype, device=mine.device,
+                          pin_memory=pin)  # [r, ...]
         out[~in_cache] = mine[picks[~in_cache]]
         out[in_cache] = cached[picks[in_cache] - len(self)].to(mine.dtype)
         return out
@@ -130,8 +140,8 @@ def merge(ltm: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor, rf: torch.T
     ages = torch.cat((ages, cache_ages))
     rf = torch.cat((rf, torch.full((cache_rows.shape[0],), initial_rf, dtype=rf.dtype))) - decay
     alive = rf > 0.01
-    if int(alive.sum()) > min_rows:
-        return ltm[alive], keys[alive], ages[alive], rf[alive]
+    if int(alive.sum()) > min_rows:  # the keys may live on another device than the rest (mplus.memory.placement)
+        return ltm[alive], keys[alive.to(keys.device)], ages[alive], rf[alive]
     return ltm, keys, ages, rf + decay
 
 

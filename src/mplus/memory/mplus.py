@@ -24,15 +24,17 @@ import torch
 from torch import nn
 
 from mplus.llama.config import LlamaConfig
-from mplus.llama.generate import collect, decode_loop, new_token_budget, prompt_tensor
+from mplus.llama.generate import collect, decode_loop, new_token_budget
 from mplus.llama.kv_cache import KVCache
 from mplus.llama.model import Decoder
 from mplus.llama.rope import inv_freq_for, rope_cos_sin
 from mplus.memory import checkpoint as mplus_checkpoint
 from mplus.memory.config import MemoryConfig
 from mplus.memory.fingerprint import weights_fingerprint
+from mplus.memory.inputs import check_ids, check_state
 from mplus.memory.lora import READ, WRITE, LoRALinear, wrap_with_lora
 from mplus.memory.ltm import cache_dropped_rows, merge_into_ltm
+from mplus.memory.placement import HOST, Placement
 from mplus.memory.prefix import memory_prefix, prefix_cache
 from mplus.memory.retriever import Retrieved, nothing_retrieved, projector, retrieve
 from mplus.memory.state import MemoryState
@@ -64,6 +66,7 @@ class MPlus(nn.Module):
         self.new_memory_positional_emb = nn.Parameter(torch.zeros(1, 1, d))  # [1, 1, d]
         self.inv_freq = inv_freq_for(config)  # [D/2], fp32 (see model.py)
         self.checkpoint_state: MemoryState | None = None  # the memory stored with the weights
+        self.placement = HOST  # where the weights and new states' parts live (place)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,15 +76,16 @@ class MPlus(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
-                        rope_bf16: bool = False, base: str | Path | None = None,
-                        stored_memory: bool = True) -> "MPlus":
+                        rope_bf16: bool = False, base: str | Path | None = None, stored_memory: bool = True,
+                        device: torch.device | str = "cpu", ltm_keys: str = "device") -> "MPlus":
         """Load an official-layout M+ or MemoryLLM folder (weights plus the memory stored with them).
 
         rope_bf16: round the RoPE inverse frequencies to bf16 as the official bf16 path does (docs/departures.md).
         base: the frozen base's folder for a folder that names one (memory/base_ref.py; default: found by name).
         stored_memory False: leave the stored memory on disk (checkpoint_state None; 3.4 GB less at 8B sizes).
+        device, ltm_keys: where the model computes and its LTM keys live (see place).
         """
-        return mplus_checkpoint.load(cls, path, dtype, progress, rope_bf16, stored_memory, base)
+        return mplus_checkpoint.load(cls, path, dtype, progress, rope_bf16, stored_memory, base).place(device, ltm_keys)
 
     @classmethod
     def from_llama(cls, path: str | Path, memory: MemoryConfig, *, seed: int = 0,
@@ -90,6 +94,18 @@ class MPlus(nn.Module):
         memory ~ N(0, 1); bos_embedding[l] = embedding of BOS; new_memory_positional_emb = 0; LoRA A
         Kaiming-uniform, B = 0; retriever weights ~ N(0, 0.02); empty LTM."""
         return mplus_checkpoint.from_llama(cls, path, memory, seed, dtype)
+
+    def place(self, device: torch.device | str = "cpu", ltm_keys: str = "device") -> "MPlus":
+        """Put the weights, the stored STM and the STM's prefix keys/values on `device`; the LTM rows and the
+        dropped-row cache stay in host memory, their retriever keys on the device (ltm_keys="device": fast scoring,
+        S x d_s device memory per layer) or the host ("host": scoring on the CPU). Returns the model; states from
+        initial_state follow it. See docs/placement.md."""
+        self.placement = Placement.on(device, ltm_keys)
+        self.to(self.placement.device)
+        self.inv_freq = self.inv_freq.to(self.placement.device)
+        if self.checkpoint_state is not None:
+            self.checkpoint_state = self.checkpoint_state.to(self.placement)
+        return self
 
     def initial_state(self, seed: int = 0, take: bool = False) -> MemoryState:
         """The memory stored with the weights, as a new state; `seed` seeds the generator of its STM drops.
@@ -107,7 +123,7 @@ class MPlus(nn.Module):
         state = MemoryState(stm=stored.stm, stm_ages=stored.stm_ages, update_step=stored.update_step,
                             ltm=None if stored.ltm is None else [dataclasses.replace(m) for m in stored.ltm],
                             generator=torch.Generator().manual_seed(seed), initialized=stored.initialized,
-                            shares_memory=not take)
+                            shares_memory=not take, placement=stored.placement).to(self.placement)
         if take:
             self.checkpoint_state = None
         state.weights = weights_fingerprint(self)  # saved with the state: a load into other weights is refused
@@ -134,49 +150,13 @@ class MPlus(nn.Module):
             raise ValueError("this model holds no stored memory to save with its weights; pass the state to save")
         mplus_checkpoint.save(self, path, state, max_shard_bytes, base)
 
-    # ----------------------------------------------------------------------------------------- checks
-
-    def _check_ids(self, ids, strip_bos: bool, what: str) -> torch.Tensor:
-        try:
-            ids = prompt_tensor(ids)[0]  # [T]
-        except ValueError:
-            raise ValueError(f"the {what} must be a non-empty list of token ids (or a [T] / [1, T] tensor)") from None
-        bos = self.config.bos_token_id
-        if bos is not None and int(ids[0]) == bos:
-            if not strip_bos:
-                raise ValueError(f"the {what} starts with BOS ({bos}); M+ supplies its own BOS embedding, so encode "
-                                 "without special tokens (or pass strip_bos=True)")
-            ids = ids[1:]
-        if ids.numel() == 0:
-            raise ValueError(f"the {what} is empty")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
-            raise ValueError(f"a token id of the {what} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        return ids
-
-    def _check_state(self, state: MemoryState) -> None:
-        L, d, d_s = self.config.num_hidden_layers, self.config.hidden_size, self.memory_config.selector_hidden_dim
-        want = (L, self.memory_config.stm_size, d)
-        if tuple(state.stm.shape) != want or tuple(state.stm_ages.shape) != want[:2]:
-            raise ValueError(f"this memory state has STM shape {tuple(state.stm.shape)} (ages "
-                             f"{tuple(state.stm_ages.shape)}), the model needs {want}: it belongs to another model")
-        if not state.has_ltm:
-            return
-        if not state.initialized:
-            raise ValueError("this state has a long-term memory but is marked uninitialized, which only MemoryLLM has")
-        if self.memory_config.kind != "mplus":
-            raise ValueError("this state has a long-term memory, but the model is MemoryLLM (no retriever)")
-        if len(state.ltm) != L:
-            raise ValueError(f"this state's long-term memory does not have one record per layer ({L})")
-        for l, m in enumerate(state.ltm):
-            if m.rows.shape[1:] != (d,) or m.cache.rows.shape[1:] != (d,) \
-                    or m.keys.shape[1:] != (d_s,) or m.cache.keys.shape[1:] != (d_s,):
-                raise ValueError(f"layer {l} of this state's long-term memory has rows or keys of the wrong width "
-                                 f"(the model needs d = {d}, d_s = {d_s}): it belongs to another model")
-
     # ----------------------------------------------------------------------------------------- reading
 
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_cos_sin(self.inv_freq, positions)
+        return rope_cos_sin(self.inv_freq, positions.to(self.inv_freq.device))
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids.to(self.model.embed_tokens.weight.device))  # [..., d]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(x)).float()  # [1, T, V]
@@ -200,7 +180,8 @@ class MPlus(nn.Module):
         first; see mplus.memory.retriever.retrieve). Nothing without an LTM."""
         if not state.has_ltm:
             return nothing_retrieved(self.config.hidden_size, self.dtype)
-        return retrieve(self.memory_queries(l, layer_input), state.ltm[l], self.memory_config.ltm_retrieved)
+        return retrieve(self.memory_queries(l, layer_input), state.ltm[l], self.memory_config.ltm_retrieved,
+                        state.placement)
 
     def read_logits(self, state: MemoryState, input_ids, *, strip_bos: bool = False, query_len: int | None = None,
                     record: list | None = None, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
@@ -213,8 +194,8 @@ class MPlus(nn.Module):
         dict per layer is appended: its input and output hidden states at the tokens ("layer_input",
         "layer_output") and what it retrieved ("retrieved", a Retrieved). cache: a KVCache to fill (generation).
         """
-        ids = self._check_ids(input_ids, strip_bos, "input")
-        self._check_state(state)
+        ids = check_ids(self, input_ids, strip_bos, "input")
+        check_state(self, state)
         cos, sin = self._cos_sin(self._first_position(state) + torch.arange(ids.shape[0]))  # [T, D] each
         stm_kv = prefix_cache(self, state)
 
@@ -227,7 +208,7 @@ class MPlus(nn.Module):
         def on_output(l: int, out: torch.Tensor) -> None:
             record[-1]["layer_output"] = out[0]
 
-        x = self.model.run_layers(self.model.embed_tokens(ids)[None], cos, sin, prefix=prefix, cache=cache,
+        x = self.model.run_layers(self._embed(ids)[None], cos, sin, prefix=prefix, cache=cache,
                                   on_output=None if record is None else on_output, adapter=READ,
                                   last_only=last_only)  # [1, T or 1, d]
         return self._logits(x)  # [1, T or 1, V]
@@ -240,7 +221,7 @@ class MPlus(nn.Module):
         layers = self.model.layers
         cos, sin = self._cos_sin(positions)  # [T, D] each
         p_cos, p_sin = self._cos_sin(row_positions)  # [P, D] each
-        x = self.model.run_layers(self.model.embed_tokens(ids)[None], cos, sin, adapter=adapter,
+        x = self.model.run_layers(self._embed(ids)[None], cos, sin, adapter=adapter,
                                   prefix=lambda l, _: layers[l].prefix_kv(rows[l][None], p_cos, p_sin, adapter))
         return self._logits(x)  # [1, T, V]
 
@@ -254,23 +235,25 @@ class MPlus(nn.Module):
                         temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
                         stop_ids=None, strip_bos: bool = False) -> Iterator[int]:
         """Stream new tokens after prompt_ids: retrieval once from the prompt, then cached decoding."""
-        ids = self._check_ids(prompt_ids, strip_bos, "prompt")
+        ids = check_ids(self, prompt_ids, strip_bos, "prompt")
         T = ids.shape[0]
         max_new_tokens = new_token_budget(max_new_tokens, self.memory_config.virtual_prefix + T,
                                           self.config.max_position_embeddings)
         cache = KVCache(self.config, 1 + self.memory_config.ltm_retrieved + self.memory_config.stm_size + T
-                        + max(max_new_tokens, 1), dtype=self.dtype)
+                        + max(max_new_tokens, 1), dtype=self.dtype, device=self.placement.device)
+        # Sampling draws from a CPU generator, so sampled logits come to the CPU; greedy picks on the device.
+        out = (lambda logits: logits) if temperature <= 0 else (lambda logits: logits.cpu())
         position = [self._first_position(state) + T]
 
         def step(token: int) -> torch.Tensor:
             cos, sin = self._cos_sin(torch.tensor([position[0]]))  # [1, D] each
             position[0] += 1
-            x = self.model.run_layers(self.model.embed_tokens(torch.tensor([[token]])), cos, sin, cache=cache,
+            x = self.model.run_layers(self._embed(torch.tensor([[token]])), cos, sin, cache=cache,
                                       adapter=READ)  # [1, 1, d]
-            return self._logits(x)[0, -1]  # [V]
+            return out(self._logits(x)[0, -1])  # [V]
 
         stop = set(self.config.eos_token_id if stop_ids is None else stop_ids)
-        yield from decode_loop(lambda: self.read_logits(state, ids, cache=cache, last_only=True)[0, -1], step,
+        yield from decode_loop(lambda: out(self.read_logits(state, ids, cache=cache, last_only=True)[0, -1]), step,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                generator=generator, stop=stop)
 
@@ -298,7 +281,7 @@ class MPlus(nn.Module):
         A whole document under 16 tokens is refused unless allow_short.
         """
         from tqdm import tqdm
-        ids = self._check_ids(ids, False, "document")
+        ids = check_ids(self, ids, False, "document")
         if chunk_size < MIN_CHUNK:
             raise ValueError(f"chunk_size must be at least {MIN_CHUNK}")
         if ids.shape[0] < MIN_CHUNK and not allow_short:
@@ -320,8 +303,8 @@ class MPlus(nn.Module):
         generator draws the STM drops (default: the state's own). Chunks shorter than 16 tokens are refused
         unless allow_short: the official training never injected fewer. record: as for new_memory_block.
         """
-        self._check_state(state)
-        ids = self._check_ids(chunk_ids, strip_bos, "chunk")
+        check_state(self, state)
+        ids = check_ids(self, chunk_ids, strip_bos, "chunk")
         if ids.shape[0] < MIN_CHUNK and not allow_short:
             raise ValueError(f"the chunk has {ids.shape[0]} tokens; M+ was trained on chunks of at least "
                              f"{MIN_CHUNK} (pass allow_short=True to inject it anyway)")
@@ -362,7 +345,7 @@ class MPlus(nn.Module):
             if record is not None:
                 record.append({"layer_output": out[0]})
 
-        self.model.run_layers(self.model.embed_tokens(ids)[None], cos[p:], sin[p:], prefix=prefix,
+        self.model.run_layers(self._embed(ids)[None], cos[p:], sin[p:], prefix=prefix,
                               layer_input=layer_input, on_output=on_output, adapter=WRITE)
         block = torch.stack(new)  # [L, K or min(n, K), d]
         if not initialized:  # official aliasing: layer l + 1 adds e in place to the very rows of layer l's block
@@ -376,10 +359,12 @@ class MPlus(nn.Module):
         update_ltm_frequency updates (merge_into_ltm). MemoryLLM forgets the dropped rows.
 
         An uninitialized MemoryLLM state instead becomes the block tiled over all N rows, with no random draw.
+        The STM is written where it lives; the dropped rows go to the host (state.placement), where merges happen.
         """
-        mem = self.memory_config
+        mem, where = self.memory_config, state.placement
         if not state.initialized:
-            stm, state.stm_ages = first_write(block, mem.stm_size, state.stm_ages.dtype)
+            stm, ages = first_write(block, mem.stm_size, state.stm_ages.dtype)
+            state.stm_ages = ages.to(state.stm_ages.device)
             state.stm, state.stm_kv, state.initialized, state.shares_memory = stm.to(state.stm.dtype), None, True, False
             return
         out = (torch.empty_like(state.stm), torch.empty_like(state.stm_ages)) if state.shares_memory else None
@@ -391,8 +376,8 @@ class MPlus(nn.Module):
         if not state.has_ltm:
             return
         K = mem.num_tokens
-        state.ltm = [cache_dropped_rows(ltm, dropped[l], self.memory_keys(l, dropped[l]), dropped_ages[l], K)
-                     for l, ltm in enumerate(state.ltm)]
+        state.ltm = [cache_dropped_rows(ltm, where.to_host(dropped[l]), where.to_keys(self.memory_keys(l, dropped[l])),
+                                        where.to_host(dropped_ages[l]), K) for l, ltm in enumerate(state.ltm)]
         state.update_step += K
         if state.update_step >= mem.update_ltm_frequency * K:
             state.ltm = [merge_into_ltm(ltm, initial_rf=mem.initial_rf_when_moving_stm_to_ltm,

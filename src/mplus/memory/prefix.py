@@ -54,6 +54,10 @@ def prefix_cache(model, state) -> PrefixCache | None:
     return cache
 
 
+def _cos_sin(model, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_cos_sin(model.inv_freq, positions.to(model.inv_freq.device))  # [P, D] each, where the model is
+
+
 def stm_positions(k0: int, n: int) -> torch.Tensor:
     """Positions [1 + N] of [bos; STM] in the read prefix: 0, then 1 + K0 .. K0 + N (after the retrieved slots)."""
     return torch.cat((torch.zeros(1, dtype=torch.long), torch.arange(1 + k0, 1 + k0 + n)))
@@ -71,14 +75,14 @@ def memory_prefix(model, state, l: int, retrieved: Retrieved, cache: PrefixCache
     stm_kv = None if cache is None else cache.kv[l]
     if stm_kv is None:
         rows = torch.cat((model.bos_embedding[l], state.stm[l]))[None]  # [1, 1 + N, d]
-        stm_kv = layer.prefix_kv(rows, *rope_cos_sin(model.inv_freq, stm_positions(mem.ltm_retrieved, mem.stm_size)),
+        stm_kv = layer.prefix_kv(rows, *_cos_sin(model, stm_positions(mem.ltm_retrieved, mem.stm_size)),
                                  READ)  # [1, H_kv, 1 + N, D] each
         if cache is not None:
             cache.kv[l] = stm_kv
     if not len(retrieved):
         return stm_kv
     stm_k, stm_v = stm_kv
-    ltm_k, ltm_v = layer.prefix_kv(retrieved.rows[None], *rope_cos_sin(model.inv_freq, torch.arange(1, 1 + len(retrieved))),
+    ltm_k, ltm_v = layer.prefix_kv(retrieved.rows[None], *_cos_sin(model, torch.arange(1, 1 + len(retrieved))),
                                    READ)  # [1, H_kv, r, D] each
     return (torch.cat((stm_k[:, :, :1], ltm_k, stm_k[:, :, 1:]), 2),
             torch.cat((stm_v[:, :, :1], ltm_v, stm_v[:, :, 1:]), 2))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mplus.memory.ltm import LayerLTM, cyclic_candidates, order_by_age
+from mplus.memory.placement import HOST, Placement
 
 
 def projector(d: int, d_s: int, n_layers: int) -> nn.Sequential:
@@ -54,11 +55,13 @@ def select(queries: torch.Tensor | None, ltm: LayerLTM, k0: int, block: int = SC
 
     With at least K0 LTM rows: the top K0 by relevance over the whole pool (pool_relevance), taken in storage order,
     then ordered oldest first. With fewer: the cyclic fill of the LTM alone (no scoring, the cache ignored).
+    The indices are on the LTM's device: scored where the keys are, only the K0 picks come back to it.
     """
     if len(ltm) < k0:
-        picks = cyclic_candidates(len(ltm), k0)  # [r]
+        picks = cyclic_candidates(len(ltm), k0).to(ltm.ages.device)  # [r]
     else:
         picks = pool_relevance(queries, ltm, block).topk(k0).indices.sort().values  # [K0] in storage order
+        picks = picks.to(ltm.ages.device)
     return picks[order_by_age(ltm.at("ages", picks))]
 
 
@@ -93,12 +96,13 @@ class Retrieved:
         return f"Retrieved({len(self)} rows, {int(self.from_cache.sum())} from the cache)"
 
 
-def retrieve(queries: torch.Tensor, ltm: LayerLTM, k0: int) -> Retrieved:
+def retrieve(queries: torch.Tensor, ltm: LayerLTM, k0: int, placement: Placement = HOST) -> Retrieved:
     """Retrieval of M+ (arXiv 2502.00592, section 3.2.2) in one layer: the K0 rows of the pool [LTM; cache] most
     relevant to the prompt's queries [T, d_s] (f_q of its layer inputs), fed oldest first (see select); only
-    the K0 picked rows are gathered."""
-    picks = select(queries, ltm, k0)  # [r]
-    return Retrieved(rows=ltm.at("rows", picks), ages=ltm.at("ages", picks), picks=picks, n_ltm=len(ltm))
+    the K0 picked rows are gathered, on the LTM's host, and only they move to the placement's device."""
+    picks = select(placement.queries_to_keys(queries), ltm, k0)  # [r], on the LTM's device
+    rows = placement.rows_to_device(ltm.at("rows", picks, pin=placement.pin))  # [r, d]
+    return Retrieved(rows=rows, ages=ltm.at("ages", picks), picks=picks, n_ltm=len(ltm))
 
 
 def nothing_retrieved(d: int, dtype: torch.dtype) -> Retrieved:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mplus.memory.ltm import LayerLTM
+from mplus.memory.placement import HOST, Placement
 from mplus.memory.state_check import StateError
 from mplus.memory.state_file import describe_state, load_state, save_state
 
@@ -49,6 +50,9 @@ class MemoryState:
     # without copying). Writes never change LTM tensors in place; the first write gives the state an STM of its
     # own (mplus.memory.stm.drop_and_append with out=...), after which writes update it in place.
     shares_memory: bool = False
+    # Where each part lives (mplus.memory.placement; docs/placement.md): the STM on the compute device, the LTM and
+    # the cache on the host, the retriever keys on either. Never saved: a file is loaded where the caller asks.
+    placement: Placement = HOST
 
     @property
     def has_ltm(self) -> bool:
@@ -63,8 +67,9 @@ class MemoryState:
         L, N, d = self.stm.shape
         ltm = (f", LTM {sum(map(len, self.ltm))} rows + {sum(len(m.cache) for m in self.ltm)} cached"
                if self.has_ltm else "")
+        where = "" if self.placement == HOST else f", {self.placement}"
         return (f"MemoryState({'M+' if self.has_ltm else 'MemoryLLM'}, {L} layers, STM {N} rows x d={d}{ltm}, "
-                f"update_step {self.update_step}{'' if self.initialized else ', not yet written'})")
+                f"update_step {self.update_step}{'' if self.initialized else ', not yet written'}{where})")
 
     def copy(self) -> "MemoryState":
         """An independent deep copy (tensors cloned, generator state duplicated), its STM its own."""
@@ -73,7 +78,18 @@ class MemoryState:
         return MemoryState(stm=self.stm.clone(), stm_ages=self.stm_ages.clone(),
                            ltm=None if self.ltm is None else [m.copy() for m in self.ltm],
                            update_step=self.update_step, generator=g, weights=self.weights,
-                           initialized=self.initialized, stm_kv=None)
+                           initialized=self.initialized, stm_kv=None, placement=self.placement)
+
+    def to(self, placement: Placement) -> "MemoryState":
+        """This state with its parts where `placement` says (the same object if they are there already). Parts that
+        move are copied; parts that stay are shared, as is the generator (a CPU generator wherever the STM is)."""
+        if placement == self.placement:
+            return self
+        ltm = None if self.ltm is None else [m.to(placement.ltm_device, placement.keys_device) for m in self.ltm]
+        moved = placement.device != self.placement.device
+        return dataclasses.replace(self, stm=self.stm.to(placement.device), stm_ages=self.stm_ages.to(placement.device),
+                                   ltm=ltm, placement=placement, stm_kv=None if moved else self.stm_kv,
+                                   shares_memory=self.shares_memory and not moved)
 
     def without_ltm(self) -> "MemoryState":
         """A copy that behaves as MemoryLLM: the same STM, no long-term memory (dropped rows are forgotten)."""
@@ -88,10 +104,14 @@ class MemoryState:
         save_state(self, path, key=key)
 
     @classmethod
-    def load(cls, path, expect=None, key: bytes | None = None) -> "MemoryState":
+    def load(cls, path, expect=None, key: bytes | None = None, placement: Placement | None = None,
+             device=None) -> "MemoryState":
         """A new state read from a file written by save; with `key`, only a file signed with that key loads
-        (see mplus.memory.state_file.load_state for `expect`)."""
-        return load_state(path, expect, key=key, build=cls)
+        (see mplus.memory.state_file.load_state for `expect`). Its parts go where `placement` says (a model's
+        .placement), or with `device`, to Placement.on(device); by default all on the CPU."""
+        if placement is not None and device is not None:
+            raise TypeError("pass placement or device, not both")
+        return load_state(path, expect, key=key, build=cls).to(placement or Placement.on(device or "cpu"))
 
     def describe(self, bins: int = 8) -> str:
         """A short text summary: sizes, dtype and per-layer age histograms (see mplus.memory.state_file.describe_state)."""

@@ -119,7 +119,8 @@ def describe_state(state: MemoryState, bins: int = 8) -> str:
     L, N, d = state.stm.shape
     keys = f", retriever keys d_s={state.ltm[0].keys.shape[-1]}" if state.has_ltm else ""
     lines = [f"{'M+' if state.has_ltm else 'MemoryLLM'} memory state: {L} layers, STM {N} rows x d={d} "
-             f"({str(state.stm.dtype).removeprefix('torch.')}){keys}, update_step {state.update_step}"]
+             f"({str(state.stm.dtype).removeprefix('torch.')}){keys}, update_step {state.update_step}, "
+             f"{state.placement}"]
     # One age range for all layers, so the bars of different layers line up and the range is printed once.
     stm_lo, stm_hi = _range([state.stm_ages])
     rows = [["layer", "STM", f"STM ages {stm_lo}..{stm_hi}"]]

@@ -49,7 +49,7 @@ def write_block(stm: torch.Tensor, ages: torch.Tensor, new: torch.Tensor, kept: 
     n_kept, k = kept.shape[0], new.shape[0]
     rows[:n_kept], row_ages[:n_kept] = stm[kept], ages[kept]  # the right sides are gathered before the copy
     rows[n_kept:] = new
-    row_ages[n_kept:] = torch.arange(k - 1, -1, -1, dtype=ages.dtype)  # [K]
+    row_ages[n_kept:] = torch.arange(k - 1, -1, -1, dtype=ages.dtype, device=ages.device)  # [K]
 
 
 def drop_and_append(stm: torch.Tensor, ages: torch.Tensor, block: torch.Tensor, generator: torch.Generator, *,
