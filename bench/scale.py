@@ -162,7 +162,7 @@ def step_answer(args) -> dict:
         picked = len(model.retrieve(state, 0, model.model.embed_tokens(torch.tensor(question))))
     if picked != k0:
         raise SystemExit(f"layer 0 retrieved {picked} rows, not K0 = {k0}")
-    out = model.generate(state, question, max_new_tokens=NEW_TOKENS, stop_ids=())
+    out = model.generate(state, question, max_new_tokens=NEW_TOKENS, stop_ids=(), keep_prefix=False)
     return {"note": f"{QUESTION}-token question, {k0} of {pool} pool rows retrieved per layer, {len(out)} tokens"}
 
 

@@ -203,3 +203,14 @@ def test_a_question_gathers_only_the_retrieved_rows(model):
     assert torch.equal(again, first)
     # the pool's keys [S + c, d_s] (or rows [S + c, d]) would be larger than anything a question needs here
     assert a.largest() < pool_rows * MPLUS["selector_hidden_dim"] * 4, sorted(a.records, key=lambda r: -r[2])[:3]
+
+
+def test_a_one_off_answer_keeps_no_prefix_in_the_state(model):
+    """keep_prefix=False: the same tokens, and the state holds no [bos; STM] keys/values afterwards."""
+    state, ids = model.initial_state(), torch.arange(3, 11)
+    kept = model.generate(state.copy(), ids, max_new_tokens=4)
+    once = model.initial_state()
+    assert model.generate(once, ids, max_new_tokens=4, keep_prefix=False) == kept
+    assert once.stm_kv is None
+    model.generate(once, ids, max_new_tokens=4)
+    assert once.stm_kv is not None and all(kv is not None for kv in once.stm_kv.kv)

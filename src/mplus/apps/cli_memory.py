@@ -98,7 +98,8 @@ def cmd_ask(args: argparse.Namespace) -> None:
     stops = tokenizer.eos_ids or set(model.config.eos_token_id)
     for token in model.generate_tokens(state, tokenizer.encode(text), max_new_tokens=args.max_new_tokens,
                                        temperature=args.temperature, top_p=args.top_p, stop_ids=stops,
-                                       generator=torch.Generator().manual_seed(args.seed), strip_bos=True):
+                                       generator=torch.Generator().manual_seed(args.seed), strip_bos=True,
+                                       keep_prefix=False):  # one question per process: hold the prefix once
         print(stream.push(token), end="", flush=True)
     print(stream.flush(), flush=True)
 

@@ -184,7 +184,8 @@ class MPlus(nn.Module):
                         state.placement)
 
     def read_logits(self, state: MemoryState, input_ids, *, strip_bos: bool = False, query_len: int | None = None,
-                    record: list | None = None, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+                    record: list | None = None, cache: KVCache | None = None, last_only: bool = False,
+                    keep_prefix: bool = True) -> torch.Tensor:
         """Logits [1, T, V] of input_ids (no BOS) reading the memory: per layer, retrieval with the layer's inputs
         (M+), then the prefix [bos; retrieved; STM] (mplus.memory.prefix) through the read adapter.
 
@@ -193,11 +194,12 @@ class MPlus(nn.Module):
         + answer and must retrieve with the question alone, as generation does). record: if a list is given, one
         dict per layer is appended: its input and output hidden states at the tokens ("layer_input",
         "layer_output") and what it retrieved ("retrieved", a Retrieved). cache: a KVCache to fill (generation).
+        keep_prefix False: compute the [bos; STM] keys/values without keeping them in the state.
         """
         ids = check_ids(self, input_ids, strip_bos, "input")
         check_state(self, state)
         cos, sin = self._cos_sin(self._first_position(state) + torch.arange(ids.shape[0]))  # [T, D] each
-        stm_kv = prefix_cache(self, state)
+        stm_kv = prefix_cache(self, state) if keep_prefix else None
 
         def prefix(l: int, x: torch.Tensor):
             retrieved = self.retrieve(state, l, x[0, :query_len])
@@ -233,8 +235,10 @@ class MPlus(nn.Module):
 
     def generate_tokens(self, state: MemoryState, prompt_ids, *, max_new_tokens: int = 64,
                         temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                        stop_ids=None, strip_bos: bool = False) -> Iterator[int]:
-        """Stream new tokens after prompt_ids: retrieval once from the prompt, then cached decoding."""
+                        stop_ids=None, strip_bos: bool = False, keep_prefix: bool = True) -> Iterator[int]:
+        """Stream new tokens after prompt_ids: retrieval once from the prompt, then cached decoding. keep_prefix
+        False: do not keep the [bos; STM] keys/values in the state for the next question (a one-off answer then
+        holds them once, in the generation cache: 1.3 GB less at the released 8B sizes)."""
         ids = check_ids(self, prompt_ids, strip_bos, "prompt")
         T = ids.shape[0]
         max_new_tokens = new_token_budget(max_new_tokens, self.memory_config.virtual_prefix + T,
@@ -253,7 +257,8 @@ class MPlus(nn.Module):
             return out(self._logits(x)[0, -1])  # [V]
 
         stop = set(self.config.eos_token_id if stop_ids is None else stop_ids)
-        yield from decode_loop(lambda: out(self.read_logits(state, ids, cache=cache, last_only=True)[0, -1]), step,
+        yield from decode_loop(lambda: out(self.read_logits(state, ids, cache=cache, last_only=True,
+                                                            keep_prefix=keep_prefix)[0, -1]), step,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                generator=generator, stop=stop)
 
