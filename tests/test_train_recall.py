@@ -88,6 +88,19 @@ def test_stage_3_ships_a_primed_memory(runs):
     assert not torch.equal(state.stm, start.stm)  # filler written over the STM it started from
 
 
+def test_stage_3_can_ship_a_primed_stm_with_an_empty_ltm(runs):
+    folder = runs[0]
+    for out, extra in (("kept", ""), ("forget", "forget_primed_ltm = true\n")):
+        (folder / f"{out}.toml").write_text(RECALL.format(stage="memory3", init="s2", steps=2, delay=24, out=out)
+                                            + "prime_chunks = 30\n" + extra)
+        train(RecallConfig.from_toml(folder / f"{out}.toml"), progress=False)
+    state = MPlus.from_pretrained(folder / "forget").initial_state()
+    primed = MPlus.from_pretrained(folder / "kept").initial_state()  # the same run without forgetting
+    assert all(len(m) > 0 for m in primed.ltm)
+    assert all(len(m) == 0 and len(m.cache) == 0 for m in state.ltm) and state.update_step == 0
+    assert torch.equal(state.stm, primed.stm)  # the same filler written over the same STM
+
+
 def test_retention_benchmark_runs_on_a_trained_model(runs):
     """Mechanics, not quality (the model is a few steps old): shapes, the token distances, and that M+ equals
     MemoryLLM while its LTM is still empty (distance 0: nothing has been dropped yet)."""

@@ -31,7 +31,9 @@ Config (TOML, see configs/stage2-tiny.toml and stage3-tiny.toml):
 
     stage = "memory2" | "memory3"
     [train]   init, seed, steps, lr, selector_lr, fact_ratio, fresh_ratio, filler_words, chunk_words,
-              max_delay, out, prime_chunks (optional, default 0), chat_ratio and max_people (optional, for the
+              max_delay, out, prime_chunks (optional, default 0), forget_primed_ltm (optional, default false:
+              after priming, empty the shipped LTM; for a stage 1 whose STM held training facts, which priming
+              pushes out of the STM into the LTM), chat_ratio and max_people (optional, for the
               people task; the task itself is the init checkpoint's, config.json "mplus_task")
 
 adapter_grads (optional, default true) false, allowed with lr = 0 only: the question passes run without
@@ -50,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 from mplus.llama.config import ConfigError
-from mplus.memory.ltm import copies_of
+from mplus.memory.ltm import LayerLTM, copies_of
 from mplus.memory.mplus import MPlus
 from mplus.memory.retriever import relevance
 from mplus.train.base import config_fields, read_stage_config
@@ -78,6 +80,7 @@ class RecallConfig:
     chat_ratio: float = 0.0
     max_people: int = 1
     adapter_grads: bool = True
+    forget_primed_ltm: bool = False
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RecallConfig":
@@ -93,6 +96,7 @@ class RecallConfig:
                        filler_words=t["filler_words"], chunk_words=t["chunk_words"], max_delay=t["max_delay"],
                        prime_chunks=int(t.get("prime_chunks", 0)), chat_ratio=float(t.get("chat_ratio", 0.0)),
                        max_people=int(t.get("max_people", 1)), adapter_grads=bool(t.get("adapter_grads", True)),
+                       forget_primed_ltm=bool(t.get("forget_primed_ltm", False)),
                        out=(path.parent / t["out"]).resolve())
 
 
@@ -210,6 +214,9 @@ def train(config: RecallConfig, *, max_steps: int | None = None, progress: bool 
         shipped = model.initial_state()  # the memory this stage started from (not the training STM), LTM empty...
         for _ in range(config.prime_chunks):  # ...primed with filler
             model.inject(shipped, tokenizer.encode(task.filler(rng, config.chunk_words)).ids, allow_short=True)
+        if config.forget_primed_ltm:  # rows of the starting STM (training facts, if stage 1 wrote them) left it
+            shipped.ltm = [LayerLTM.empty(m.rows.shape[1], m.keys.shape[1], m.rows.dtype) for m in shipped.ltm]
+            shipped.update_step = 0
         model.save_pretrained(out, shipped)
         (out / "tokenizer.json").write_bytes((config.init / "tokenizer.json").read_bytes())
     return losses
