@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,3 +64,12 @@ def gguf_bytes(metadata: dict, tensors: list[tuple[str, list[int], int, bytes]],
         offset += len(data) + pad
     head = b"".join(out)
     return head + b"\0" * (-len(head) % alignment) + b"".join(blobs)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The models are tiny: one thread is faster, and steadier on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

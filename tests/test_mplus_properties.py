@@ -49,12 +49,8 @@ def time_limit(seconds: int):
 # ----------------------------------------------------------------------------------------------- models
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is faster, and steadier on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,8 @@ CHUNKS = [list(range(20 + 7 * i, 40 + 7 * i)) for i in range(5)]  # 5 updates: t
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
