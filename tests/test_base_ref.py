@@ -1,4 +1,5 @@
 """M+ folders that store only what training added and name their frozen base (memory/base_ref.py)."""
+import dataclasses
 import json
 import shutil
 
@@ -85,3 +86,16 @@ def test_ship_keeps_the_new_tensors_and_refuses_a_changed_base(tmp_path):
     tiny_llama(seed=1).save_pretrained(tmp_path / "other")
     with pytest.raises(CliError, match="changed"):
         ship(tmp_path / "full", tmp_path / "other", tmp_path / "shipped2")
+
+
+def test_a_people_model_reads_a_prompt_that_opens_with_the_bos_id(tmp_path):
+    """SmolLM2's BOS id is <|im_start|>, the first token of every chat prompt: a people model takes it as is;
+    any other model still refuses a leading BOS (a doubled BOS), and strip_bos still strips it."""
+    model, state = trained(tmp_path)
+    ids = [model.config.bos_token_id, 5, 6, 7]
+    assert len(model.generate(state, ids, max_new_tokens=2)) == 2
+    facts = MPlus.from_llama(tmp_path / "base", dataclasses.replace(MEMORY, task="facts"))
+    with pytest.raises(ValueError, match="starts with BOS"):
+        facts.generate(facts.initial_state(), ids, max_new_tokens=2)
+    assert facts.generate(facts.initial_state(), ids, max_new_tokens=2, strip_bos=True) == \
+        facts.generate(facts.initial_state(), ids[1:], max_new_tokens=2)

@@ -16,7 +16,9 @@ def check_ids(model, ids, strip_bos: bool, what: str) -> torch.Tensor:
     except ValueError:
         raise ValueError(f"the {what} must be a non-empty list of token ids (or a [T] / [1, T] tensor)") from None
     bos = model.config.bos_token_id
-    if bos is not None and int(ids[0]) == bos:
+    # A model trained on chat prompts (task "people", SmolLM2's ChatML) reads them whole: there the BOS id is
+    # <|im_start|>, which opens every chat turn, the first one included.
+    if bos is not None and int(ids[0]) == bos and not (model.memory_config.task == "people" and not strip_bos):
         if not strip_bos:
             raise ValueError(f"the {what} starts with BOS ({bos}); M+ supplies its own BOS embedding, so encode "
                              "without special tokens (or pass strip_bos=True)")
