@@ -83,6 +83,11 @@ def test_ship_keeps_the_new_tensors_and_refuses_a_changed_base(tmp_path):
     out = ship(tmp_path / "full", tmp_path / "base", tmp_path / "shipped")
     back = MPlus.from_pretrained(out, base=tmp_path / "base")
     assert torch.equal(back.bos_embedding, model.bos_embedding.bfloat16().float())
+    assert not back.memory_config.add_encoder_retriever  # never used at inference, never trained here
+    assert not any("encoder_query_proj" in n for n, _ in back.named_parameters())
+    ids, kept = torch.arange(5, 12), MPlus.from_pretrained(tmp_path / "delta", base=tmp_path / "base")
+    assert kept.memory_config.add_encoder_retriever  # the same weights and memory with the encoder retriever...
+    assert torch.equal(back(back.initial_state(), ids), kept(kept.initial_state(), ids))  # ...read the same
     tiny_llama(seed=1).save_pretrained(tmp_path / "other")
     with pytest.raises(CliError, match="changed"):
         ship(tmp_path / "full", tmp_path / "other", tmp_path / "shipped2")

@@ -4,10 +4,13 @@ Reads a trained M+ folder (all weights) and the base folder it was trained aroun
 weight is unchanged (training froze them; a difference means the folder is not a frozen-base M+), and writes
 --out with the adapters, retriever, embeddings and memory (bf16), the config naming the base with the sha256 of
 its model.safetensors (memory/base_ref.py), and the tokenizer. A model card (README.md) in --out is kept.
+The encoder retriever is left out (add_encoder_retriever false): inference never uses it, and this project's
+stages never train it (train/recall.py), so it would ship only its random initial weights.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -32,6 +35,10 @@ def ship(model_folder: Path, base: Path, out: Path) -> Path:
     if changed := changed_base_weights(model, base):
         raise CliError(f"{model_folder} changed {len(changed)} base weights (e.g. {changed[0]}) against {base}: it "
                        "was not trained around this frozen base; ship the whole folder instead")
+    model.memory_config = dataclasses.replace(model.memory_config, add_encoder_retriever=False)
+    for layer in model.model.layers:
+        if hasattr(layer.self_attn, "encoder_query_proj"):
+            del layer.self_attn.encoder_query_proj
     ref = {"name": base.name, "sha256": file_sha256(base / "model.safetensors")}
     model.save_pretrained(out, model.checkpoint_state, base=ref)
     shutil.copyfile(model_folder / "tokenizer.json", out / "tokenizer.json")
