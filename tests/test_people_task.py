@@ -99,3 +99,19 @@ def test_answers_match_case_insensitively_for_people_only():
 def test_a_paragraph_is_written_sentence_by_sentence():
     assert sentences_of(" Ann lives in Porto.  She was born in 1950! Why? ") == \
         ["Ann lives in Porto.", "She was born in 1950!", "Why?"]
+
+
+def test_attribute_runs_make_neighbouring_examples_state_one_kind(raw):
+    """stage 1's attribute_run: from attribute_run_from_step on, runs of examples state the same attribute."""
+    import dataclasses
+    from mplus.train.stage1 import Stage1Config
+    config = dataclasses.replace(Stage1Config.from_toml("configs/stage1-smol.toml"), attribute_run=4,
+                                 attribute_run_from_step=8)
+    assert [config.attribute(s) for s in (0, 7)] == [None, None]
+    runs = [config.attribute(s) for s in range(8, 24)]
+    assert all(a == runs[0] for a in runs[:4]) and runs[4] != runs[0] and set(runs) <= set(P.ATTRIBUTES)
+    rng = random.Random(0)
+    for _ in range(10):
+        chunk, sentence, targets = Task("people").example(rng, raw, 8, attribute="pet")
+        reply = raw.decode(sentence[targets].tolist())
+        assert any(v in reply for v in P.VALUES["pet"]) or reply.startswith(" Repeat")

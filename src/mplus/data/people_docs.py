@@ -58,14 +58,17 @@ def document_text(doc: dict, chat: bool = False) -> str | list[dict[str, str]]:
 
 
 def memory_chunk(rng: random.Random, split: str = "train", max_people: int = 3, same_attribute: float = 0.5,
-                 filler_words: int = 12) -> dict:
+                 filler_words: int = 12, attribute: str | None = None) -> dict:
     """A chunk to write into memory for training: 1..max_people statements about distinct people, each after
     0..filler_words words of filler, and a question on one of them. With probability same_attribute every
-    statement states the same attribute, so only the name tells which value answers (telling people apart).
+    statement states the same attribute, so only the name tells which value answers (telling people apart);
+    `attribute` fixes that attribute for every statement.
 
     Returns ask(...) of the asked fact plus dict(chunk, statement): the chunk's text and the asked statement."""
     people = P.draw_people(rng, split, rng.randint(1, max_people))
-    if rng.random() < same_attribute:
+    if attribute is not None:
+        attributes = [attribute] * len(people)
+    elif rng.random() < same_attribute:
         attributes = [rng.choice(P.ATTRIBUTES)] * len(people)
     else:
         attributes = [rng.choice(P.ATTRIBUTES) for _ in people]

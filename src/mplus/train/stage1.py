@@ -23,6 +23,9 @@ Config (TOML, see configs/stage1-tiny.toml):
               stm_filler_words (optional, default 0: the recipe's), stm_fact_ratio (optional, default 0: with
               stm_filler_words, the share of writes that are the example's own block instead of filler),
               task, chat_ratio, max_people (optional, default "facts", 0, 1: the data, train/tasks.py);
+              attribute_run, attribute_run_from_step (optional, default 0: people only; from that step on, runs
+              of attribute_run consecutive examples state the same attribute, so the blocks beside the asked one
+              hold other people's values of the asked kind and only the name tells them apart);
               base may name $MPLUS_CACHE (e.g. "$MPLUS_CACHE/smollm2-135m-instruct"),
               batch (optional, default 1: examples per step, their losses averaged; under torchrun each
               process computes its share, see train.distributed and docs/distributed.md)
@@ -41,6 +44,7 @@ import tokenizers
 import torch
 from tqdm import tqdm
 
+from mplus.data.people import ATTRIBUTES
 from mplus.llama.config import ConfigError
 from mplus.memory.config import MemoryConfig
 from mplus.memory.mplus import MPlus
@@ -67,6 +71,14 @@ class Stage1Config:
     batch: int = 1
     task: Task = Task()
     stm_fact_ratio: float = 0.0
+    attribute_run: int = 0
+    attribute_run_from_step: int = 0
+
+    def attribute(self, step: int) -> str | None:
+        """The attribute every example of this step states (attribute_run), or None for a random one each."""
+        if not self.attribute_run or step < self.attribute_run_from_step:
+            return None
+        return ATTRIBUTES[(step // self.attribute_run) % len(ATTRIBUTES)]
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "Stage1Config":
@@ -88,6 +100,8 @@ class Stage1Config:
                                            ltm_ratio=float(t.get("ltm_ratio", 0.0))),
                        stm_filler_words=int(t.get("stm_filler_words", 0)), batch=int(t.get("batch", 1)),
                        task=task, stm_fact_ratio=float(t.get("stm_fact_ratio", 0.0)),
+                       attribute_run=int(t.get("attribute_run", 0)),
+                       attribute_run_from_step=int(t.get("attribute_run_from_step", 0)),
                        out=(path.parent / t["out"]).resolve())
 
 
@@ -120,7 +134,8 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
                disable=not (progress and world.main))
     for step in bar:
         # Every process draws the whole global batch (cheap: text and token ids) so the streams stay in step.
-        examples = [(config.task.example(rng, tokenizer, config.filler_words, config.repeat_ratio),
+        examples = [(config.task.example(rng, tokenizer, config.filler_words, config.repeat_ratio,
+                                         config.attribute(step)),
                      rng.random() < config.fresh_ratio) for _ in range(config.batch)]
         # One example uses g itself (the batch-1 run is unchanged); in a batch each gets its own generator,
         # seeded from g, so its draws do not depend on which process computes it.

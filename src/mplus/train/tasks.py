@@ -41,8 +41,9 @@ class Task:
         return facts.distractor_chunk(rng, n_words) if self.kind == "facts" else passage(rng, n_words)
 
     def example(self, rng: random.Random, tokenizer: tokenizers.Tokenizer, filler_words: int,
-                repeat_ratio: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                repeat_ratio: float = 0.0, attribute: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(chunk [n], sentence [T], targets [T] bool): a chunk ending in one fact, and its question + reply.
+        attribute (people only): the attribute the fact states, instead of a random one.
 
         With probability repeat_ratio the sentence is the recipe's repeat task instead: "Repeat:" and the chunk's
         last sentence (the fact; the memory holds the hidden states of the chunk's last K tokens only)."""
@@ -51,7 +52,7 @@ class Task:
             chunk, fact = facts.fact_paragraph(rng, ep["fact"], filler_words), ep["fact"]
             question, reply = facts.qa_prompt(ep["question"]), " " + ep["reply"]
         else:
-            ex = memory_chunk(rng, "train", self.max_people, filler_words=filler_words)
+            ex = memory_chunk(rng, "train", self.max_people, filler_words=filler_words, attribute=attribute)
             chunk, fact = ex["chunk"], ex["statement"]
             if rng.random() < self.chat_ratio:
                 question, reply = chatml_chat(ex["messages"]), ex["reply"] + CHAT_END
