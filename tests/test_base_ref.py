@@ -104,3 +104,16 @@ def test_a_people_model_reads_a_prompt_that_opens_with_the_bos_id(tmp_path):
         facts.generate(facts.initial_state(), ids, max_new_tokens=2)
     assert facts.generate(facts.initial_state(), ids, max_new_tokens=2, strip_bos=True) == \
         facts.generate(facts.initial_state(), ids[1:], max_new_tokens=2)
+
+
+def test_a_base_with_tied_embeddings_loads(tmp_path):
+    """SmolLM2 ties lm_head to the embeddings: its file has no lm_head.weight, and none is needed."""
+    tiny_llama(seed=0, tie_word_embeddings=True).save_pretrained(tmp_path / "base")
+    model = MPlus.from_llama(tmp_path / "base", MEMORY, seed=3)
+    ref = {"name": "tinybase", "sha256": file_sha256(tmp_path / "base" / "model.safetensors")}
+    model.save_pretrained(tmp_path / "delta", base=ref)
+    back = MPlus.from_pretrained(tmp_path / "delta", base=tmp_path / "base")
+    assert torch.equal(back.lm_head.weight, model.model.embed_tokens.weight)
+    ids = torch.arange(5, 12)
+    got, want = back(back.initial_state(), ids), model(model.initial_state(), ids)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()  # the new tensors and memory ship in bf16

@@ -80,8 +80,9 @@ def load(cls, path: str | Path, dtype: torch.dtype, progress: bool, rope_bf16: b
                         rename=lambda n: None if is_state_key(n) or (tied and n == "lm_head.weight") else n)
     else:
         frozen = {base_ref.base_name(n): n for n in names if base_ref.is_base_weight(n)}
-        load_state_into(model, base, progress=progress, optional=[n for n in names if n not in frozen.values()],
-                        rename=lambda n: None if tied and n == "lm_head.weight" else frozen.get(n, n))
+        load_state_into(model, base, progress=progress, rename=lambda n: None if tied and n == "lm_head.weight" else
+                        frozen.get(n, n), optional=[n for n in names if n not in frozen.values() or
+                                                    (tied and n == "lm_head.weight")])
         load_state_into(model, folder, optional=list(frozen.values()), rename=lambda n: None if is_state_key(n) else n)
     model.checkpoint_state = _stored_state(model, folder) if stored_memory else None
     if rope_bf16:
