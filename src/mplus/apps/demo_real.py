@@ -40,11 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=arg.seed, default=0, help="draws the default people, the filler and the drops")
 
 
-def default_paragraph(rng: random.Random, n_people: int = 3) -> tuple[list[str], list[tuple[str, str]]]:
-    """Sentences about n_people invented test-partition people (two facts each) and (question, answer) pairs."""
+def default_paragraph(rng: random.Random, n_people: int = 2, facts_each: int = 2
+                      ) -> tuple[list[str], list[tuple[str, str]]]:
+    """Sentences about n_people invented test-partition people, facts_each facts each, every fact of another
+    kind (the model tells kinds apart far better than people: see docs/real-model.md), and (question, answer)."""
     sentences, questions = [], []
+    kinds = iter(rng.sample(P.ATTRIBUTES, n_people * facts_each))
     for person in P.draw_people(rng, "test", n_people):
-        for attribute in rng.sample(P.ATTRIBUTES, 2):
+        for attribute in (next(kinds) for _ in range(facts_each)):
             sentences.append(P.statement(rng, person, attribute))
             questions.append((P.question(rng, person, attribute), P.answer(person, attribute)))
     return sentences, questions
