@@ -22,9 +22,6 @@ from mplus.data import people as P
 from mplus.data.prose import passage
 from mplus.llama.tokenizer import Tokenizer
 
-FORMS = {"plain": "plain", "chat": "chat"}
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=arg.model_folder_with_tokenizer, default=None,
                    help="an M+ trained on people (default: the shipped checkpoints/smollm2-mplus)")
@@ -73,7 +70,8 @@ def run(args: argparse.Namespace) -> None:
         sentences, questions = sentences_of(arg.read_text(args.file)), [(q, None) for q in args.ask]
     else:
         sentences, questions = default_paragraph(rng)
-        questions = [(q, a) for q, a in questions] if not args.ask else [(q, None) for q in args.ask]
+        if args.ask:
+            questions = [(q, None) for q in args.ask]
     state = model.initial_state(seed=args.seed)
     print("Written into memory, one sentence per chunk:")
     for s in sentences:

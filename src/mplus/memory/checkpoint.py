@@ -68,7 +68,7 @@ def load(cls, path: str | Path, dtype: torch.dtype, progress: bool, rope_bf16: b
     shapes = header_shapes(checkpoint_index(folder))
     if ref is not None:
         base = base_ref.base_folder(ref, base)
-        shapes = {**{n: v for n, v in header_shapes(checkpoint_index(base)).items()}, **shapes}
+        shapes = {**header_shapes(checkpoint_index(base)), **shapes}
     check_sizes(config, shapes, memory_tensors(config, memory))  # before the config's sizes are allocated
     with torch.device("meta"):
         model = cls(config, memory)
