@@ -19,6 +19,7 @@ Backends: gloo for CPU tensors, nccl for CUDA tensors (each process on cuda:LOCA
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
@@ -68,7 +69,15 @@ def start(device: torch.device = torch.device("cpu")) -> World:
     world = world_from_env()
     if world.size > 1 and not dist.is_initialized():
         dist.init_process_group(backend_for(device), rank=world.rank, world_size=world.size)
+        # Left to interpreter exit, gloo's teardown sometimes aborts a finished process ("terminate called
+        # without an active exception", exit -6), and torchrun reports the run as failed.
+        atexit.register(_leave)
     return world
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(batch: int, world: World) -> range:
