@@ -6,6 +6,7 @@ import torch
 from conftest import OFFICIAL_TINY
 from mplus import MPlus
 from mplus.memory.lora import READ
+from mplus.memory.prefix import stm_positions
 from mplus.train.memory import Placement, full_memory_prefix, stage1_loss, trainable_parameters
 
 
@@ -72,6 +73,50 @@ def test_placement_in_the_retrieved_zone_uses_the_generation_layout(model):
     for l, r in enumerate(rows):
         assert r.shape == (1 + k0 + N, 64) and torch.equal(r[1 + k0:], state.stm[l])  # the whole STM after
         assert all(1 <= i <= k0 for i in _block_slots(rows, delta)[l])
+
+
+def test_a_filled_retrieved_zone_holds_other_rows_and_the_block_stays_in_the_stm(model):
+    state = model.initial_state()
+    N, K, k0 = model.memory_config.stm_size, model.memory_config.num_tokens, model.memory_config.ltm_retrieved
+    delta = torch.randn(3, K, 64)
+    rows, positions = full_memory_prefix(model, state.stm, delta, torch.Generator().manual_seed(0),
+                                         Placement(filled_ratio=1.0))
+    assert torch.equal(positions, torch.arange(1 + k0 + N))  # the generation layout, as with ltm_ratio
+    for l, r in enumerate(rows):
+        assert r.shape == (1 + k0 + N, 64) and torch.equal(r[-K:], delta[l])  # the block last in the STM
+        zone = r[1:1 + k0]
+        picked = [int((state.stm[l] == x).all(-1).nonzero()[0]) for x in zone]  # every zone row is an STM row...
+        assert picked == sorted(set(picked))  # ...distinct, in the STM's (age) order
+    # off by default, and a run without it keeps its draws: the same prefix as before the option existed
+    a, _ = full_memory_prefix(model, state.stm, delta, torch.Generator().manual_seed(1), Placement(ltm_ratio=0.5))
+    b, _ = full_memory_prefix(model, state.stm, delta, torch.Generator().manual_seed(1),
+                              Placement(ltm_ratio=0.5, filled_ratio=0.0))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    shares = [full_memory_prefix(model, state.stm, delta, torch.Generator().manual_seed(s),
+                                 Placement(filled_ratio=0.5))[1].shape[0] > 1 + N for s in range(60)]
+    assert 15 <= sum(shares) <= 45
+
+
+def test_rival_blocks_are_the_last_writes_with_the_asked_one_among_them(model):
+    state = model.initial_state()
+    N, K, k0 = model.memory_config.stm_size, model.memory_config.num_tokens, model.memory_config.ltm_retrieved
+    delta, rivals = torch.randn(3, K, 64), torch.randn(2, 3, K, 64)  # R = 2 rival blocks
+    places = set()
+    for seed in range(20):
+        rows, positions = full_memory_prefix(model, state.stm, delta, torch.Generator().manual_seed(seed),
+                                             Placement(max_age=3, ltm_ratio=0.5), rivals)
+        assert torch.equal(positions, stm_positions(k0, N))  # the STM layout; the placement options do not apply
+        for l, r in enumerate(rows):
+            assert r.shape == (1 + N, 64)
+            tail = r[1 + N - 3 * K:].reshape(3, K, 64)  # the last three writes, in their order
+            at = next(j for j in range(3) if torch.equal(tail[j], delta[l]))
+            assert torch.equal(torch.cat((tail[:at], tail[at + 1:])), rivals[:, l])
+            places.add(at)
+    assert places == {0, 1, 2}
+    rows, positions = full_memory_prefix(model, state.stm, delta, torch.Generator(), Placement(filled_ratio=1.0), rivals)
+    assert rows[0].shape == (1 + k0 + N, 64) and torch.equal(positions, torch.arange(1 + k0 + N))
+    with pytest.raises(ValueError, match="do not fit"):
+        full_memory_prefix(model, state.stm, delta, torch.Generator(), Placement(), torch.randn(4, 3, K, 64))
 
 
 def test_placement_in_the_retrieved_zone_needs_retrieved_rows():

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from mplus import MPlus
 from mplus.apps.bench_retention import run
+from mplus.llama.config import ConfigError
 from mplus.llama.tokenizer import Tokenizer
 from mplus.memory.ltm import copies_of
 from mplus.train.base import BaseTrainConfig, train as train_base
@@ -99,6 +100,33 @@ def test_stage_3_can_ship_a_primed_stm_with_an_empty_ltm(runs):
     assert all(len(m) > 0 for m in primed.ltm)
     assert all(len(m) == 0 and len(m.cache) == 0 for m in state.ltm) and state.update_step == 0
     assert torch.equal(state.stm, primed.stm)  # the same filler written over the same STM
+
+
+def test_stage_3_can_refill_the_emptied_ltm_with_filler(runs):
+    folder = runs[0]
+    (folder / "refill.toml").write_text(RECALL.format(stage="memory3", init="s2", steps=2, delay=24, out="refill")
+                                        + "prime_chunks = 30\nforget_primed_ltm = true\nrefill_chunks = 9\n")
+    train(RecallConfig.from_toml(folder / "refill.toml"), progress=False)
+    model = MPlus.from_pretrained(folder / "refill")
+    state = model.initial_state()  # emptied after 30 chunks, then 9 more: two merges of filler rows since
+    k0 = model.memory_config.ltm_retrieved
+    assert all(len(m) > k0 for m in state.ltm)
+    (folder / "kept.toml").write_text(RECALL.format(stage="memory3", init="s2", steps=2, delay=24, out="few")
+                                      + f"prime_chunks = 30\nforget_primed_ltm = true\nrefill_chunks = 9\nltm_rows = {k0}\n")
+    train(RecallConfig.from_toml(folder / "kept.toml"), progress=False)
+    few = MPlus.from_pretrained(folder / "few").initial_state()  # the same run, K0 rows kept of each layer's LTM
+    for m, full in zip(few.ltm, state.ltm):
+        assert len(m) == k0
+        at = [int((full.rows == r).all(-1).nonzero()[0]) for r in m.rows]  # every kept row is one of the full LTM's
+        assert at == sorted(set(at)) and torch.equal(m.ages, full.ages[at]) and torch.equal(m.rf, full.rf[at])
+    (folder / "few.toml").write_text(RECALL.format(stage="memory3", init="s2", steps=2, delay=24, out="none")
+                                     + f"prime_chunks = 30\nforget_primed_ltm = true\nrefill_chunks = 9\nltm_rows = {k0 - 1}\n")
+    with pytest.raises(ConfigError, match="never read"):
+        train(RecallConfig.from_toml(folder / "few.toml"), progress=False)
+    (folder / "bad.toml").write_text(RECALL.format(stage="memory3", init="s2", steps=2, delay=24, out="bad")
+                                     + "refill_chunks = 9\n")
+    with pytest.raises(ConfigError, match="forget_primed_ltm"):
+        RecallConfig.from_toml(folder / "bad.toml")
 
 
 def test_retention_benchmark_runs_on_a_trained_model(runs):

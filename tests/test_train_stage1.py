@@ -48,3 +48,31 @@ def test_stage1_runs_learns_and_resumes(tmp_path):
     assert model.memory_config.stm_size == 32 and (tmp_path / "once" / "tokenizer.json").exists()
     assert torch.isfinite(model(model.initial_state(), torch.arange(3, 9))).all()
     assert Stage1Config.from_toml(tmp_path / "once.toml").placement.ltm_ratio == 0.3
+
+
+def test_stage1_continues_a_trained_model_with_its_memory_settings(tmp_path):
+    """init: a second stage 1 (e.g. with a filled retrieved zone) starts from the first one's weights and STM."""
+    from mplus import MPlus
+    from mplus.llama.config import ConfigError
+    import pytest
+    (tmp_path / "base.toml").write_text(BASE.replace('out = "run"', 'out = "base"').replace("steps = 40", "steps = 5"))
+    train_base(BaseTrainConfig.from_toml(tmp_path / "base.toml"), progress=False)
+    (tmp_path / "first.toml").write_text(STAGE1.format(out="first").replace("steps = 24", "steps = 4"))
+    train(Stage1Config.from_toml(tmp_path / "first.toml"), progress=False)
+    memory = STAGE1[STAGE1.index("[memory]"):STAGE1.index("[train]")]
+    second = STAGE1.format(out="second").replace(memory, "").replace("[train]", '[train]\ninit = "first"\nfilled_ratio = 0.5')
+    (tmp_path / "second.toml").write_text(second.replace("steps = 24", "steps = 3"))
+    config = Stage1Config.from_toml(tmp_path / "second.toml")
+    assert config.memory is None and config.placement.filled_ratio == 0.5
+    losses = train(config, progress=False)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    first, cont = (MPlus.from_pretrained(tmp_path / n) for n in ("first", "second"))
+    assert cont.memory_config == first.memory_config
+    a, b = first.state_dict(), cont.state_dict()
+    lora = [n for n in a if ".lora_B." in n]
+    assert any(not torch.equal(a[n], b[n]) for n in lora)  # it trained on...
+    base = [n for n in a if n.endswith("mlp.down_proj.base_layer.weight")]
+    assert all(torch.equal(a[n], b[n]) for n in base)  # ...the same frozen base
+    (tmp_path / "both.toml").write_text(second.replace("[train]", STAGE1[STAGE1.index("[memory]"):STAGE1.index("[train]")] + "[train]"))
+    with pytest.raises(ConfigError, match="remove the \\[memory\\] section"):
+        Stage1Config.from_toml(tmp_path / "both.toml")

@@ -72,6 +72,11 @@ class LayerLTM:
     def copy(self) -> "LayerLTM":
         return LayerLTM(self.rows.clone(), self.keys.clone(), self.ages.clone(), self.rf.clone(), self.cache.copy())
 
+    def subset(self, picks: torch.Tensor) -> "LayerLTM":
+        """The LTM rows picks [r] (indices, in the order given) with their keys, ages and time-to-live; the cache
+        is kept whole."""
+        return LayerLTM(self.rows[picks], self.keys[picks], self.ages[picks], self.rf[picks], self.cache.copy())
+
     def to(self, host: torch.device, keys: torch.device) -> "LayerLTM":
         """This record with its keys (LTM and cache) on `keys`, everything else on `host` (mplus.memory.placement)."""
         return LayerLTM(self.rows.to(host), self.keys.to(keys), self.ages.to(host), self.rf.to(host),

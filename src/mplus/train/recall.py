@@ -33,7 +33,9 @@ Config (TOML, see configs/stage2-tiny.toml and stage3-tiny.toml):
     [train]   init, seed, steps, lr, selector_lr, fact_ratio, fresh_ratio, filler_words, chunk_words,
               max_delay, out, prime_chunks (optional, default 0), forget_primed_ltm (optional, default false:
               after priming, empty the shipped LTM; for a stage 1 whose STM held training facts, which priming
-              pushes out of the STM into the LTM), chat_ratio and max_people (optional, for the
+              pushes out of the STM into the LTM), refill_chunks (optional, default 0: with forget_primed_ltm, filler
+              chunks injected after the emptying, so the LTM holds filler rows only), ltm_rows (optional, default 0:
+              all; else the shipped LTM keeps that many random rows per layer, >= K0), chat_ratio and max_people (optional, for the
               people task; the task itself is the init checkpoint's, config.json "mplus_task")
 
 adapter_grads (optional, default true) false, allowed with lr = 0 only: the question passes run without
@@ -81,12 +83,16 @@ class RecallConfig:
     max_people: int = 1
     adapter_grads: bool = True
     forget_primed_ltm: bool = False
+    refill_chunks: int = 0
+    ltm_rows: int = 0
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RecallConfig":
         path = Path(path)
         raw = read_stage_config(path, "memory2", "memory3")
         t = raw.get("train", {})
+        if t.get("refill_chunks", 0) and not t.get("forget_primed_ltm", False):
+            raise ConfigError(f"{path}: refill_chunks refills the LTM that forget_primed_ltm empties; set both")
         if t.get("adapter_grads", True) is False and float(t.get("lr", 0)) != 0:
             raise ConfigError(f"{path}: adapter_grads = false freezes the adapters; it needs lr = 0")
         with config_fields(path):
@@ -97,6 +103,7 @@ class RecallConfig:
                        prime_chunks=int(t.get("prime_chunks", 0)), chat_ratio=float(t.get("chat_ratio", 0.0)),
                        max_people=int(t.get("max_people", 1)), adapter_grads=bool(t.get("adapter_grads", True)),
                        forget_primed_ltm=bool(t.get("forget_primed_ltm", False)),
+                       refill_chunks=int(t.get("refill_chunks", 0)), ltm_rows=int(t.get("ltm_rows", 0)),
                        out=(path.parent / t["out"]).resolve())
 
 
@@ -165,6 +172,9 @@ def train(config: RecallConfig, *, max_steps: int | None = None, progress: bool 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizers.Tokenizer.from_file(str(config.init / "tokenizer.json"))
     model = MPlus.from_pretrained(config.init)
+    if 0 < config.ltm_rows < model.memory_config.ltm_retrieved:
+        raise ConfigError(f"ltm_rows = {config.ltm_rows} is below the {model.memory_config.ltm_retrieved} rows a "
+                          f"retrieval takes: such an LTM is never read")
     task = Task(model.memory_config.task, config.chat_ratio, config.max_people)
     params = trainable_parameters(model)
     selector = retriever_parameters(model)
@@ -217,6 +227,12 @@ def train(config: RecallConfig, *, max_steps: int | None = None, progress: bool 
         if config.forget_primed_ltm:  # rows of the starting STM (training facts, if stage 1 wrote them) left it
             shipped.ltm = [LayerLTM.empty(m.rows.shape[1], m.keys.shape[1], m.rows.dtype) for m in shipped.ltm]
             shipped.update_step = 0
+        for _ in range(config.refill_chunks):  # an LTM of filler rows only: retrieval works from the first question
+            model.inject(shipped, tokenizer.encode(task.filler(rng, config.chunk_words)).ids, allow_short=True)
+        if config.ltm_rows:  # a random share, in age order: the shipped folder's size stays bounded
+            pick = torch.Generator().manual_seed(config.seed)
+            shipped.ltm = [m.subset(torch.randperm(len(m), generator=pick)[:config.ltm_rows].sort().values)
+                           for m in shipped.ltm]
         model.save_pretrained(out, shipped)
         (out / "tokenizer.json").write_bytes((config.init / "tokenizer.json").read_bytes())
     return losses

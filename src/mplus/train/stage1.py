@@ -19,14 +19,18 @@ Config (TOML, see configs/stage1-tiny.toml):
               question_template (how questions are asked, saved into the checkpoint for `mplus ask`),
               initial_rf_when_moving_stm_to_ltm (optional, default 10)
     [train]   base, seed, steps, lr, fresh_ratio, filler_words, out, repeat_ratio (optional, default 0.1),
-              max_age, min_keep, ltm_ratio (Placement; optional, default: the recipe's),
+              max_age, min_keep, ltm_ratio, filled_ratio (Placement; optional, default: the recipe's),
               stm_filler_words (optional, default 0: the recipe's), stm_fact_ratio (optional, default 0: with
               stm_filler_words, the share of writes that are the example's own block instead of filler),
               task, chat_ratio, max_people (optional, default "facts", 0, 1: the data, train/tasks.py);
               attribute_run, attribute_run_from_step (optional, default 0: people only; from that step on, runs
               of attribute_run consecutive examples state the same attribute, so the blocks beside the asked one
               hold other people's values of the asked kind and only the name tells them apart);
-              base may name $MPLUS_CACHE (e.g. "$MPLUS_CACHE/smollm2-135m-instruct"),
+              rivals, rival_ratio, rivals_from_step (optional, default 0: people only; from that step on, a share
+              rival_ratio of examples asks one of rivals + 1 people's values of one kind, each written as its own
+              block, all shown as the last writes: train/memory.rival_prefix);
+              init (optional: an M+ folder to continue, with a fresh optimiser; its memory settings replace the
+              [memory] section, which must then be absent), base may name $MPLUS_CACHE (e.g. "$MPLUS_CACHE/smollm2-135m-instruct"),
               batch (optional, default 1: examples per step, their losses averaged; under torchrun each
               process computes its share, see train.distributed and docs/distributed.md)
 
@@ -57,7 +61,7 @@ from mplus.train.tasks import Task
 
 @dataclasses.dataclass(frozen=True)
 class Stage1Config:
-    memory: MemoryConfig
+    memory: MemoryConfig | None  # None with init: the init folder's
     base: Path
     seed: int
     steps: int
@@ -73,6 +77,10 @@ class Stage1Config:
     stm_fact_ratio: float = 0.0
     attribute_run: int = 0
     attribute_run_from_step: int = 0
+    init: Path | None = None
+    rivals: int = 0
+    rival_ratio: float = 0.0
+    rivals_from_step: int = 0
 
     def attribute(self, step: int) -> str | None:
         """The attribute every example of this step states (attribute_run), or None for a random one each."""
@@ -80,14 +88,26 @@ class Stage1Config:
             return None
         return ATTRIBUTES[(step // self.attribute_run) % len(ATTRIBUTES)]
 
+    def draw(self, step: int, rng: random.Random, tokenizer: tokenizers.Tokenizer) -> tuple[tuple, bool]:
+        """One example ((chunk, sentence, targets, rival chunks), fresh_only). Rival examples (asked among
+        other people's values of one kind) always read the full memory; a run without them keeps its draws."""
+        if self.rivals and step >= self.rivals_from_step and rng.random() < self.rival_ratio:
+            chunks, i, sentence, targets = self.task.rival_example(rng, tokenizer, self.filler_words, self.rivals)
+            return (chunks[i], sentence, targets, chunks[:i] + chunks[i + 1:]), False
+        example = self.task.example(rng, tokenizer, self.filler_words, self.repeat_ratio, self.attribute(step))
+        return (*example, []), rng.random() < self.fresh_ratio
+
     @classmethod
     def from_toml(cls, path: str | Path) -> "Stage1Config":
         path = Path(path)
         raw = read_stage_config(path, "memory1")
         m, t = raw.get("memory", {}), raw.get("train", {})
+        if "init" in t and m:
+            raise ConfigError(f"{path}: a stage 1 with [train] init continues that model with its own memory "
+                              f"settings; remove the [memory] section")
         with config_fields(path):
             task = Task(t.get("task", "facts"), float(t.get("chat_ratio", 0.0)), int(t.get("max_people", 1)))
-            memory = MemoryConfig(kind="mplus", num_tokens=m["num_tokens"], num_blocks=m["num_blocks"],
+            memory = None if "init" in t else MemoryConfig(kind="mplus", num_tokens=m["num_tokens"], num_blocks=m["num_blocks"],
                                   num_ltm_blocks=m["num_ltm_blocks"], selector_hidden_dim=m["selector_hidden_dim"],
                                   update_ltm_frequency=m["update_ltm_frequency"], lora_r=m["lora_r"],
                                   lora_alpha=float(m["lora_alpha"]),
@@ -97,11 +117,15 @@ class Stage1Config:
                        lr=float(t["lr"]), fresh_ratio=float(t["fresh_ratio"]), filler_words=t["filler_words"],
                        repeat_ratio=float(t.get("repeat_ratio", 0.1)),
                        placement=Placement(max_age=int(t.get("max_age", 0)), min_keep=float(t.get("min_keep", 1.0)),
-                                           ltm_ratio=float(t.get("ltm_ratio", 0.0))),
+                                           ltm_ratio=float(t.get("ltm_ratio", 0.0)),
+                                           filled_ratio=float(t.get("filled_ratio", 0.0))),
                        stm_filler_words=int(t.get("stm_filler_words", 0)), batch=int(t.get("batch", 1)),
                        task=task, stm_fact_ratio=float(t.get("stm_fact_ratio", 0.0)),
                        attribute_run=int(t.get("attribute_run", 0)),
                        attribute_run_from_step=int(t.get("attribute_run_from_step", 0)),
+                       init=(path.parent / t["init"]).resolve() if "init" in t else None,
+                       rivals=int(t.get("rivals", 0)), rival_ratio=float(t.get("rival_ratio", 0.0)),
+                       rivals_from_step=int(t.get("rivals_from_step", 0)),
                        out=(path.parent / t["out"]).resolve())
 
 
@@ -121,7 +145,11 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizers.Tokenizer.from_file(str(config.base / "tokenizer.json"))
-    model = MPlus.from_llama(config.base, config.memory, seed=config.seed)
+    model = MPlus.from_llama(config.base, config.memory, seed=config.seed) if config.init is None else \
+        MPlus.from_pretrained(config.init, base=config.base)
+    if model.memory_config.task != config.task.kind:
+        raise ConfigError(f"{config.init} was trained on the {model.memory_config.task!r} task, this config asks for "
+                          f"{config.task.kind!r}")
     params = trainable_parameters(model)
     optim = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     state = model.initial_state(seed=config.seed).without_ltm()
@@ -134,9 +162,7 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
                disable=not (progress and world.main))
     for step in bar:
         # Every process draws the whole global batch (cheap: text and token ids) so the streams stay in step.
-        examples = [(config.task.example(rng, tokenizer, config.filler_words, config.repeat_ratio,
-                                         config.attribute(step)),
-                     rng.random() < config.fresh_ratio) for _ in range(config.batch)]
+        examples = [config.draw(step, rng, tokenizer) for _ in range(config.batch)]
         # One example uses g itself (the batch-1 run is unchanged); in a batch each gets its own generator,
         # seeded from g, so its draws do not depend on which process computes it.
         gens = [g] if config.batch == 1 else \
@@ -144,9 +170,12 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
         optim.zero_grad(set_to_none=True)
         local, deltas = 0.0, []
         for i in mine:
-            (chunk, sentence, targets), fresh_only = examples[i]
+            (chunk, sentence, targets, rival_chunks), fresh_only = examples[i]
+            with torch.no_grad():  # the rivals' blocks, written from the same STM; only the asked one learns
+                rivals = torch.stack([model.new_memory_block(state.stm, c) for c in rival_chunks]) \
+                    if rival_chunks else None  # [R, L, K, d]
             loss, delta = stage1_loss(model, state.stm, chunk, sentence, targets, fresh_only=fresh_only, g=gens[i],
-                                      placement=config.placement)
+                                      placement=config.placement, rivals=rivals)
             (loss / config.batch).backward()  # the global batch's mean; backward per example frees its graph
             local += loss.item() / config.batch if config.batch > 1 else loss.item()
             deltas.append(delta.detach())

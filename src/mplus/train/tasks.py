@@ -18,7 +18,7 @@ import tokenizers
 import torch
 
 from mplus.data import facts
-from mplus.data.people_docs import memory_chunk
+from mplus.data.people_docs import interference_episode, memory_chunk
 from mplus.data.prose import passage
 from mplus.llama.tokenizer import chatml_chat
 
@@ -54,15 +54,36 @@ class Task:
         else:
             ex = memory_chunk(rng, "train", self.max_people, filler_words=filler_words, attribute=attribute)
             chunk, fact = ex["chunk"], ex["statement"]
-            if rng.random() < self.chat_ratio:
-                question, reply = chatml_chat(ex["messages"]), ex["reply"] + CHAT_END
-            else:
-                question, reply = ex["plain"], " " + ex["reply"]
+            question, reply = self.question_form(rng, ex)
         if rng.random() < repeat_ratio:
             question, reply = "Repeat:", " " + fact
-        q, a = encode(tokenizer, question), encode(tokenizer, reply)
-        targets = torch.tensor([False] * len(q) + [True] * len(a))
-        return torch.tensor(encode(tokenizer, chunk)), torch.tensor(q + a), targets
+        return (torch.tensor(encode(tokenizer, chunk)), *qa_ids(tokenizer, question, reply))
+
+    def rival_example(self, rng: random.Random, tokenizer: tokenizers.Tokenizer, filler_words: int, rivals: int
+                      ) -> tuple[list[torch.Tensor], int, torch.Tensor, torch.Tensor]:
+        """(chunks, i, sentence [T], targets [T] bool): rivals + 1 people's values of one attribute, one chunk each
+        (filler, then the statement, as the interference benchmark writes them), and the question and reply
+        about chunk i's person. Only the name tells which value answers. People task only."""
+        if self.kind != "people":
+            raise ValueError("rival examples need the people task")
+        ep = interference_episode(rng, "train", rivals + 1)
+        chunks = [" ".join(x for x in (passage(rng, rng.randint(0, filler_words)), c) if x) for c in ep["chunks"]]
+        asked = ep["questions"][0]
+        i = next(j for j, c in enumerate(ep["chunks"]) if asked["name"] in c)
+        return ([torch.tensor(encode(tokenizer, c)) for c in chunks], i,
+                *qa_ids(tokenizer, *self.question_form(rng, asked)))
+
+    def question_form(self, rng: random.Random, ex: dict) -> tuple[str, str]:
+        """(prompt, taught reply) of a people question: chat with probability chat_ratio, else plain."""
+        if rng.random() < self.chat_ratio:
+            return chatml_chat(ex["messages"]), ex["reply"] + CHAT_END
+        return ex["plain"], " " + ex["reply"]
+
+
+def qa_ids(tokenizer: tokenizers.Tokenizer, question: str, reply: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sentence ids [T], targets [T] bool): the question then the reply, whose tokens are the targets."""
+    q, a = encode(tokenizer, question), encode(tokenizer, reply)
+    return torch.tensor(q + a), torch.tensor([False] * len(q) + [True] * len(a))
 
 
 def encode(tokenizer: tokenizers.Tokenizer, text: str) -> list[int]:
