@@ -3,6 +3,7 @@ the demo (apps/retention_trials.py, apps/demo_real.py), and the config field tha
 import random
 
 import pytest
+import torch
 import tokenizers
 
 from mplus import ConfigError, MemoryConfig, Tokenizer
@@ -90,6 +91,9 @@ def test_interference_trials_ask_every_person_with_the_others_values(artifacts):
     for q in ep["questions"]:
         assert sorted(q["others"] + [q["answer"]]) == sorted(answers)
         assert sum(q["answer"] in c for c in ep["chunks"]) == 1
+        # the in-context baseline: the same question, the five chunks before it in the prompt
+        assert all(c in q["in_context"] for c in ep["chunks"]) and q["in_context"] != q["prompt"]
+        assert q["in_context"].endswith(q["prompt"][-12:])
 
 
 def test_answers_match_case_insensitively_for_people_only():
@@ -115,3 +119,35 @@ def test_attribute_runs_make_neighbouring_examples_state_one_kind(raw):
         chunk, sentence, targets = Task("people").example(rng, raw, 8, attribute="pet")
         reply = raw.decode(sentence[targets].tolist())
         assert any(v in reply for v in P.VALUES["pet"]) or reply.startswith(" Repeat")
+
+
+def test_rival_examples_ask_one_of_several_people_by_name(raw):
+    """The interference task as training data: R + 1 training people's values of one kind, one chunk each, and a
+    question whose right value sits in chunk i only."""
+    task, rng = Task("people", chat_ratio=0.5), random.Random(3)
+    for _ in range(20):
+        chunks, i, sentence, targets = task.rival_example(rng, raw, 8, rivals=4)
+        texts = [raw.decode(c.tolist()) for c in chunks]
+        reply = raw.decode(sentence[targets].tolist(), skip_special_tokens=False)
+        question = raw.decode(sentence[~targets].tolist(), skip_special_tokens=False)
+        kind = next(a for a in P.ATTRIBUTES if any(v in texts[i] for v in P.VALUES[a]))
+        values = [next(v for v in P.VALUES[kind] if v in t) for t in texts]
+        assert len(chunks) == 5 and len(set(values)) == 5  # five distinct values of one kind
+        assert values[i] in reply and not any(v in reply for j, v in enumerate(values) if j != i)
+        name = next(n for n in P.names_in("train") if n in question)  # a training person, named in chunk i only
+        assert [name in t for t in texts] == [j == i for j in range(5)]
+    with pytest.raises(ValueError, match="people task"):
+        Task("facts").rival_example(rng, raw, 8, rivals=4)
+
+
+def test_rival_examples_start_at_their_step_and_leave_earlier_draws_alone(raw):
+    import dataclasses
+    from mplus.train.stage1 import Stage1Config
+    plain = Stage1Config.from_toml("configs/stage1-smol.toml")
+    rivals = dataclasses.replace(plain, rivals=4, rival_ratio=1.0, rivals_from_step=5)
+    a, b = random.Random(0), random.Random(0)
+    for step in range(5):  # before rivals_from_step: the very same examples
+        (x, fx), (y, fy) = plain.draw(step, a, raw), rivals.draw(step, b, raw)
+        assert fx == fy and y[3] == [] and all(torch.equal(u, v) for u, v in zip(x[:3], y[:3]))
+    (chunk, _, _, others), fresh_only = rivals.draw(5, b, raw)
+    assert len(others) == 4 and not fresh_only  # read among the rivals, never from the fresh block alone

@@ -71,8 +71,9 @@ def fits_in_context(model: MPlus, n_tokens: int, max_new_tokens: int = 16) -> bo
     return n_tokens + max_new_tokens <= model.config.max_position_embeddings
 
 
-def in_context_reply(model: MPlus, ids: list[int], max_new_tokens: int = 16) -> list[int]:
-    """Greedy new tokens after ids of the decoder with its read adapter and no memory, at positions 0.."""
+def in_context_reply(model: MPlus, ids: list[int], max_new_tokens: int = 16, adapter: str | None = READ) -> list[int]:
+    """Greedy new tokens after ids of the decoder with its read adapter (adapter None: the base model itself)
+    and no memory, at positions 0.."""
     if not fits_in_context(model, len(ids), max_new_tokens):
         raise ValueError(f"a prompt of {len(ids)} tokens and {max_new_tokens} new ones exceed the model's "
                          f"{model.config.max_position_embeddings} positions; shorten the context")
@@ -82,7 +83,7 @@ def in_context_reply(model: MPlus, ids: list[int], max_new_tokens: int = 16) -> 
         positions = torch.arange(cache.length, cache.length + len(tokens))  # [T]
         cos, sin = rope_cos_sin(model.inv_freq, positions)
         x = model.model.run_layers(model.model.embed_tokens(torch.tensor(tokens))[None], cos, sin, cache=cache,
-                                   adapter=READ, last_only=True)  # [1, 1, d]
+                                   adapter=adapter, last_only=True)  # [1, 1, d]
         return model.lm_head(model.model.norm(x)).float()[0, -1]  # [V]
 
     return collect(decode_loop(lambda: forward(ids), lambda token: forward([token]), max_new_tokens=max_new_tokens,

@@ -261,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         r = interference(model, tokenizer, seed=args.seed, episodes=n_interference, filler_words=args.filler_words)
         print(f"interference ({r['people']} people's facts of one kind in memory, {r['questions']} questions): "
               f"mplus right {r['mplus_right']:.3f} (another person's value {r['mplus_other_person']:.3f}), "
-              f"memoryllm right {r['memoryllm_right']:.3f} ({r['memoryllm_other_person']:.3f})")
+              f"memoryllm right {r['memoryllm_right']:.3f} ({r['memoryllm_other_person']:.3f}); the base model with "
+              f"the chunks in its prompt instead, no memory: right {r['base_in_context_right']:.3f} "
+              f"({r['base_in_context_other_person']:.3f})")
     if args.out:
         atomic_write_text(Path(args.out), to_csv(result))
         print(f"wrote {args.out}", file=sys.stderr)

@@ -155,14 +155,18 @@ def in_processes(folder, memory: dict, job: dict, jobs: int) -> dict:
     return total
 
 
+INTERFERENCE = ("mplus", "memoryllm", "base_in_context")
+
+
 def interference(model: MPlus, tokenizer: Tokenizer, *, seed: int, episodes: int, n_people: int = 5,
                   filler_words: int = 12, progress: bool = True) -> dict:
     """Telling people apart: n_people facts of one kind, one chunk each, then every person asked (retention_trials.
-    interference_trials). Per model (mplus, memoryllm): the share of right answers, and of answers holding
-    another of the people's values instead."""
+    interference_trials). Per model (mplus, memoryllm, and base_in_context: the base model without adapters or
+    memory, the five chunks in its prompt, what the frozen base itself can do): the share of right answers, and of
+    answers holding another of the people's values instead."""
     trials_ = interference_trials(model, tokenizer, seed=seed, episodes=episodes, n_people=n_people,
                                   filler_words=filler_words)
-    right, other = {"mplus": 0, "memoryllm": 0}, {"mplus": 0, "memoryllm": 0}
+    right, other = {m: 0 for m in INTERFERENCE}, {m: 0 for m in INTERFERENCE}
     for i, ep in enumerate(tqdm(trials_, desc="interference", unit="episode", disable=not progress)):
         state = model.initial_state(seed=seed * 100_003 + i)
         for chunk in ep["chunks"]:
@@ -175,6 +179,11 @@ def interference(model: MPlus, tokenizer: Tokenizer, *, seed: int, episodes: int
                 hit = is_right(line, q["answer"], "people")
                 right[name] += hit
                 other[name] += not hit and any(is_right(line, v, "people") for v in q["others"])
+        for q in ep["questions"]:
+            line = first_line(tokenizer, in_context_reply(model, tokenizer.encode(q["in_context"]), adapter=None))
+            right["base_in_context"] += is_right(line, q["answer"], "people")
+            other["base_in_context"] += not is_right(line, q["answer"], "people") and \
+                any(is_right(line, v, "people") for v in q["others"])
     n = episodes * n_people
     return {"people": n_people, "questions": n, **{f"{m}_right": right[m] / n for m in right},
             **{f"{m}_other_person": other[m] / n for m in other}}

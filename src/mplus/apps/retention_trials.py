@@ -65,7 +65,8 @@ def is_right(reply_line: str, answer: str, task: str) -> bool:
 def interference_trials(model, tokenizer: Tokenizer, *, seed: int, episodes: int, n_people: int = 5,
                         filler_words: int = 12) -> list[dict]:
     """Five people's values of one attribute, one chunk each (filler, then the statement), then every person
-    asked, plain and chat alternating: dict(chunks, questions: [dict(prompt, answer, others, form)])."""
+    asked, plain and chat alternating: dict(chunks, questions: [dict(prompt, answer, others, form, in_context)]),
+    in_context being the same question with the five chunks before it in the prompt (no memory needed)."""
     rng = random.Random(seed)
     out = []
     for _ in range(episodes):
@@ -73,7 +74,8 @@ def interference_trials(model, tokenizer: Tokenizer, *, seed: int, episodes: int
         chunks = [" ".join(x for x in (passage(rng, filler_words), c) if x) for c in ep["chunks"]]
         values = [q["answer"] for q in ep["questions"]]
         questions = [dict(prompt=people_prompt(model, tokenizer, q["question"], FORMS[j % 2]), answer=q["answer"],
-                          others=[v for v in values if v != q["answer"]], form=FORMS[j % 2])
+                          others=[v for v in values if v != q["answer"]], form=FORMS[j % 2],
+                          in_context=people_prompt(model, tokenizer, q["question"], FORMS[j % 2], " ".join(chunks)))
                      for j, q in enumerate(ep["questions"])]
         out.append(dict(chunks=chunks, questions=questions))
     return out
