@@ -109,7 +109,7 @@ def test_same_size_memoryllm_holds_the_mplus_rows_and_writes_the_same_blocks(shi
     model, tok = shipped
     big = same_size_memoryllm(model)
     mem, state = model.memory_config, model.checkpoint_state
-    n, k0, k = mem.stm_size, mem.ltm_retrieved, mem.num_tokens
+    n, k0 = mem.stm_size, mem.ltm_retrieved
     assert big.memory_config.kind == "memoryllm" and big.memory_config.stm_size == n + k0 == 192
     assert big.memory_config.virtual_prefix == mem.virtual_prefix  # the question sits at the same positions
     grown = big.checkpoint_state.stm  # [L, N + K0, d]

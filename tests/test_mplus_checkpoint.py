@@ -9,7 +9,6 @@ from safetensors.torch import load_file, save_file
 
 from conftest import OFFICIAL_TINY
 from mplus import ConfigError, MemoryConfig, MPlus, WeightsError, is_memory_checkpoint
-from mplus.memory.state import StateError
 from tiny import tiny_llama
 
 FIXTURE = OFFICIAL_TINY / "checkpoint"

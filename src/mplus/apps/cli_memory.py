@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from mplus.apps import cli_args as arg
 from mplus.apps.cli_args import DTYPES, CliError, read_text
 from mplus.memory.state_file import MIN_KEY as MIN_KEY_BYTES
 
