@@ -19,7 +19,6 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,9 +27,6 @@ from mplus.formats.atomic import atomic_path
 from mplus.formats.safetensors import write_file
 from mplus.memory.ltm import LayerLTM
 from mplus.memory.state_check import ROWS, StateError, check_layout, check_values
-
-if TYPE_CHECKING:  # annotations only: memory.state imports this module
-    from mplus.memory.state import MemoryState
 
 __all__ = ["StateError", "describe_state", "load_state", "save_state"]
 
