@@ -181,9 +181,9 @@ def interference(model: MPlus, tokenizer: Tokenizer, *, seed: int, episodes: int
                 other[name] += not hit and any(is_right(line, v, "people") for v in q["others"])
         for q in ep["questions"]:
             line = first_line(tokenizer, in_context_reply(model, tokenizer.encode(q["in_context"]), adapter=None))
-            right["base_in_context"] += is_right(line, q["answer"], "people")
-            other["base_in_context"] += not is_right(line, q["answer"], "people") and \
-                any(is_right(line, v, "people") for v in q["others"])
+            hit = is_right(line, q["answer"], "people")
+            right["base_in_context"] += hit
+            other["base_in_context"] += not hit and any(is_right(line, v, "people") for v in q["others"])
     n = episodes * n_people
     return {"people": n_people, "questions": n, **{f"{m}_right": right[m] / n for m in right},
             **{f"{m}_other_person": other[m] / n for m in other}}

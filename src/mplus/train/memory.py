@@ -88,11 +88,17 @@ def full_memory_prefix(model, stm: torch.Tensor, delta: torch.Tensor, g: torch.G
         keep = torch.randperm(N, generator=g)[:N - m].sort().values  # [N - m]
         after = min(age * K, N - m)
         others = stm[l][keep]  # [N - m, d]
-        zone = stm[l][torch.randperm(N, generator=g)[:k0].sort().values] if filled else stm[l][:0]  # [K0 or 0, d]
+        zone = other_rows(stm[l], k0 if filled else 0, g)  # [K0 or 0, d]
         rows.append(torch.cat((model.bos_embedding[l], zone, others[:N - m - after], block, others[N - m - after:])))
     if in_ltm or filled:
         return rows, torch.arange(1 + k0 + N)  # bos 0, retrieved 1..K0, STM K0+1..K0+N
     return rows, stm_positions(k0, N)  # bos 0, then the STM slots
+
+
+def other_rows(stm: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """n distinct random rows of one layer's STM [N, d], in STM (age) order: a retrieved zone that does not hold
+    the asked block. n = 0 draws nothing."""
+    return stm[torch.randperm(stm.shape[0], generator=g)[:n].sort().values] if n else stm[:0]  # [n, d]
 
 
 def rival_prefix(model, stm: torch.Tensor, delta: torch.Tensor, rivals: torch.Tensor, g: torch.Generator,
@@ -110,7 +116,7 @@ def rival_prefix(model, stm: torch.Tensor, delta: torch.Tensor, rivals: torch.Te
     for l in range(stm.shape[0]):
         blocks = torch.cat((rivals[:at, l], delta[l][None], rivals[at:, l])).flatten(0, 1)  # [(R + 1) K, d]
         keep = torch.randperm(N, generator=g)[:N - (R + 1) * K].sort().values  # [N - (R + 1) K]
-        zone = stm[l][torch.randperm(N, generator=g)[:k0].sort().values] if filled else stm[l][:0]  # [K0 or 0, d]
+        zone = other_rows(stm[l], k0 if filled else 0, g)  # [K0 or 0, d]
         rows.append(torch.cat((model.bos_embedding[l], zone, stm[l][keep], blocks)))
     return rows, (torch.arange(1 + k0 + N) if filled else stm_positions(k0, N))
 
