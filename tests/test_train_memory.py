@@ -148,3 +148,23 @@ def test_gradient_reaches_the_write_adapter_and_the_loss_falls(model, fresh_only
         optim.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.5
+
+
+def test_rival_blocks_keep_their_gradient(model, monkeypatch):
+    """The rivals' blocks are written inside the loss with their gradient, so the write adapter also learns from
+    the blocks the question must not be answered from."""
+    blocks, write = [], model.new_memory_block
+
+    def recording(stm, ids, **kwargs):
+        blocks.append(write(stm, ids, **kwargs))
+        return blocks[-1]
+
+    monkeypatch.setattr(model, "new_memory_block", recording)
+    trainable_parameters(model)
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randint(0, 256, (12,), generator=g) for _ in range(3)]
+    sentence, targets = torch.randint(0, 256, (10,), generator=g), torch.arange(10) >= 5
+    loss, _ = stage1_loss(model, model.initial_state().stm, chunks[0], sentence, targets, fresh_only=False,
+                          g=torch.Generator().manual_seed(1), rival_chunks=chunks[1:])
+    grads = torch.autograd.grad(loss, blocks)  # fails outright for a block written without its gradient
+    assert len(blocks) == 3 and all(grad.abs().sum() > 0 for grad in grads)

@@ -171,11 +171,8 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
         local, deltas = 0.0, []
         for i in mine:
             (chunk, sentence, targets, rival_chunks), fresh_only = examples[i]
-            with torch.no_grad():  # the rivals' blocks, written from the same STM; only the asked one learns
-                rivals = torch.stack([model.new_memory_block(state.stm, c) for c in rival_chunks]) \
-                    if rival_chunks else None  # [R, L, K, d]
             loss, delta = stage1_loss(model, state.stm, chunk, sentence, targets, fresh_only=fresh_only, g=gens[i],
-                                      placement=config.placement, rivals=rivals)
+                                      placement=config.placement, rival_chunks=rival_chunks)
             (loss / config.batch).backward()  # the global batch's mean; backward per example frees its graph
             local += loss.item() / config.batch if config.batch > 1 else loss.item()
             deltas.append(delta.detach())
