@@ -1,0 +1,130 @@
+"""Can SmolLM2 with small adapters learn to tell five people apart? The interference task, trained directly.
+
+Each example holds five training people's values of one attribute, one chunk each (filler, then the statement,
+as the retention benchmark's interference test writes them), and asks one person. Fresh r-8 LoRA adapters on
+the frozen SmolLM2-135M-Instruct train on that task alone (the reply's tokens are the targets), then answer
+every person of fresh test-partition episodes (greedy, the value in the first line). Two ways to hold the facts:
+
+  prompt  the five chunks in the prompt before the question; the read adapter trains (it also encodes the
+          chunks, as they pass through the same layers);
+  rows    the memory's way: each chunk passes alone through the write adapter and its last K outputs of
+          layer l become layer l's key/value rows, read by the question through the read adapter. Both
+          adapters train (--fixed-rows: the rows come from the base and only the read adapter trains).
+
+The first separates what the base plus adapters can learn from what the memory's rows let it learn.
+
+Run: .venv/bin/python bench/probe_binding.py prompt|rows [--steps 300] [--episodes 12] [--fixed-rows]
+"""
+import argparse
+import random
+
+import tokenizers
+import torch
+import torch.nn.functional as F
+
+from mplus import MPlus
+from mplus.apps.baselines import in_context_reply
+from mplus.apps.paths import smollm2_dir
+from mplus.apps.retention_trials import is_right
+from mplus.data.people_docs import interference_episode
+from mplus.data.prose import passage
+from mplus.llama.rope import rope_cos_sin
+from mplus.memory.lora import READ, WRITE
+from mplus.train.tasks import qa_ids
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+p.add_argument("mode", choices=("prompt", "rows"))
+p.add_argument("--steps", type=int, default=300)
+p.add_argument("--lr", type=float, default=1e-3)
+p.add_argument("--episodes", type=int, default=12, help="test episodes of five questions each")
+p.add_argument("--fixed-rows", action="store_true", help="rows: the base writes the rows, only reading trains")
+p.add_argument("--model", default="checkpoints/smollm2-mplus", help="its memory settings (K, LoRA r) are used")
+args = p.parse_args()
+torch.manual_seed(0)
+model = MPlus.from_llama(smollm2_dir(), MPlus.from_pretrained(args.model).memory_config, seed=0)
+tok = tokenizers.Tokenizer.from_file(str(smollm2_dir() / "tokenizer.json"))
+K = model.memory_config.num_tokens
+model.requires_grad_(False)
+adapters = (READ,) if args.mode == "prompt" or args.fixed_rows else (READ, WRITE)
+params = [q for n, q in model.named_parameters() if ".lora_" in n and n.split(".")[-2] in adapters]
+for q in params:
+    q.requires_grad_(True)
+optim = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+
+
+def episode(rng: random.Random, split: str) -> tuple[dict, list[str]]:
+    ep = interference_episode(rng, split, 5)
+    return ep, [" ".join(x for x in (passage(rng, 12), c) if x) for c in ep["chunks"]]
+
+
+def rows_of(chunks: list[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per layer l, the last K outputs of layer l of every chunk written alone [5 K, d], and their positions."""
+    per_chunk = []
+    for chunk in chunks:
+        ids = torch.tensor(tok.encode(chunk).ids)
+        cos, sin = rope_cos_sin(model.inv_freq, torch.arange(ids.shape[0]))
+        outs = []
+        model.model.run_layers(model.model.embed_tokens(ids)[None], cos, sin, adapter=None if args.fixed_rows else WRITE,
+                               on_output=lambda l, o: outs.append(o[0, -K:]))  # [K, d] per layer
+        per_chunk.append(outs)
+    rows = [torch.cat([outs[l] for outs in per_chunk]) for l in range(len(per_chunk[0]))]  # [5 K, d] each
+    return rows, torch.arange(rows[0].shape[0])
+
+
+def logits(chunks: list[str], ids: torch.Tensor, rows=None) -> torch.Tensor:
+    """[1, T, V] next-token logits of ids after the five chunks, held the --mode way (rows: rows_of(chunks))."""
+    if args.mode == "prompt":
+        full = torch.cat((torch.tensor(tok.encode(" ".join(chunks)).ids), ids))
+        cos, sin = rope_cos_sin(model.inv_freq, torch.arange(full.shape[0]))
+        x = model.model.run_layers(model.model.embed_tokens(full)[None], cos, sin, adapter=READ)  # [1, n + T, d]
+        return model.lm_head(model.model.norm(x[:, -ids.shape[0]:])).float()
+    rows, positions = rows or rows_of(chunks)
+    return model.logits_with_rows(ids, positions.shape[0] + torch.arange(ids.shape[0]), rows, positions, READ)
+
+
+def reply(chunks: list[str], question: str) -> str:
+    if args.mode == "prompt":
+        return tok.decode(in_context_reply(model, tok.encode(" ".join(chunks) + question).ids, adapter=READ))
+    ids, out, rows = torch.tensor(tok.encode(question).ids), [], rows_of(chunks)
+    for _ in range(16):
+        t = int(logits(chunks, ids, rows)[0, -1].argmax())
+        if t in model.config.eos_token_id or "\n" in tok.decode([t]):
+            break
+        out.append(t)
+        ids = torch.cat((ids, torch.tensor([t])))
+    return tok.decode(out)
+
+
+def evaluate() -> tuple[float, float]:
+    """(right, another person's value) over every question of --episodes test episodes."""
+    rng, right, other = random.Random(99), 0, 0
+    with torch.no_grad():
+        for _ in range(args.episodes):
+            ep, chunks = episode(rng, "test")
+            values = [q["answer"] for q in ep["questions"]]
+            for q in ep["questions"]:
+                line = reply(chunks, "\n" + q["plain"]).split("\n")[0]
+                hit = is_right(line, q["answer"], "people")
+                right += hit
+                other += not hit and any(is_right(line, v, "people") for v in values if v != q["answer"])
+    n = 5 * args.episodes
+    return right / n, other / n
+
+
+print(f"before training: right {evaluate()[0]:.3f}", flush=True)
+rng, mean = random.Random(0), 0.0
+for step in range(args.steps):
+    ep, chunks = episode(rng, "train")
+    asked = ep["questions"][0]
+    sentence, targets = qa_ids(tok, "\n" + asked["plain"], " " + asked["reply"])
+    loss = F.cross_entropy(logits(chunks, sentence)[0, :-1][targets[1:]], sentence[1:][targets[1:]])
+    optim.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optim.step()
+    mean = 0.98 * mean + 0.02 * loss.item()
+    if (step + 1) % 50 == 0:
+        print(f"step {step + 1}: loss {mean / (1 - 0.98 ** (step + 1)):.3f}", flush=True)
+right, other = evaluate()
+print(f"{args.mode}{' (fixed rows)' if args.fixed_rows else ''}, {args.steps} steps: right {right:.3f}, another "
+      f"person's value {other:.3f} ({5 * args.episodes} test questions)")
