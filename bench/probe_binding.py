@@ -29,7 +29,9 @@ from mplus.apps.retention_trials import is_right
 from mplus.data.people_docs import interference_episode
 from mplus.data.prose import passage
 from mplus.llama.rope import rope_cos_sin
+from mplus.memory.checkpoint import bos_layer_inputs
 from mplus.memory.lora import READ, WRITE
+from mplus.memory.prefix import stm_positions
 from mplus.train.tasks import qa_ids
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -38,10 +40,23 @@ p.add_argument("--steps", type=int, default=300)
 p.add_argument("--lr", type=float, default=1e-3)
 p.add_argument("--episodes", type=int, default=12, help="test episodes of five questions each")
 p.add_argument("--fixed-rows", action="store_true", help="rows: the base writes the rows, only reading trains")
-p.add_argument("--model", default="checkpoints/smollm2-mplus", help="its memory settings (K, LoRA r) are used")
+p.add_argument("--model", default="checkpoints/smollm2-mplus",
+               help="its memory settings (K, LoRA r) are used, and its stored STM by --write/--read memory")
+p.add_argument("--write", choices=("alone", "memory"), default="alone",
+               help="rows: each chunk alone (its last K outputs), or M+'s write pass after the stored STM")
+p.add_argument("--read", choices=("alone", "memory"), default="alone",
+               help="rows: the five blocks alone, or among the stored STM's rows at M+'s read positions")
+p.add_argument("--bos", choices=("embedding", "hidden"), default="embedding",
+               help="with --read/--write memory, the memory's BOS row per layer: the BOS embedding (the official "
+                    "initialisation) or the base's own hidden state at BOS (mplus.memory.checkpoint.bos_layer_inputs)")
 args = p.parse_args()
 torch.manual_seed(0)
-model = MPlus.from_llama(smollm2_dir(), MPlus.from_pretrained(args.model).memory_config, seed=0)
+stored = MPlus.from_pretrained(args.model)
+model = MPlus.from_llama(smollm2_dir(), stored.memory_config, seed=0)
+if args.bos == "hidden":
+    with torch.no_grad():
+        model.bos_embedding.copy_(bos_layer_inputs(model))
+stm = stored.initial_state().stm  # [L, N, d]: rows written from filler by the stored model
 tok = tokenizers.Tokenizer.from_file(str(smollm2_dir() / "tokenizer.json"))
 K = model.memory_config.num_tokens
 model.requires_grad_(False)
@@ -59,6 +74,13 @@ def episode(rng: random.Random, split: str) -> tuple[dict, list[str]]:
 
 def rows_of(chunks: list[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per layer l, the last K outputs of layer l of every chunk written alone [5 K, d], and their positions."""
+    if args.write == "memory":
+        blocks = torch.stack([model.new_memory_block(stm, torch.tensor(tok.encode(c).ids)) for c in chunks])  # [5, L, K, d]
+        if args.read == "memory":  # the last 5 K STM slots, as five consecutive writes leave them
+            rows = [torch.cat((model.bos_embedding[l], stm[l, 5 * K:], blocks[:, l].flatten(0, 1))) for l in range(len(stm))]
+            return rows, stm_positions(model.memory_config.ltm_retrieved, stm.shape[1])
+        rows = [blocks[:, l].flatten(0, 1) for l in range(len(stm))]  # [5 K, d] each
+        return rows, torch.arange(rows[0].shape[0])
     per_chunk = []
     for chunk in chunks:
         ids = torch.tensor(tok.encode(chunk).ids)
@@ -68,6 +90,9 @@ def rows_of(chunks: list[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
                                on_output=lambda l, o: outs.append(o[0, -K:]))  # [K, d] per layer
         per_chunk.append(outs)
     rows = [torch.cat([outs[l] for outs in per_chunk]) for l in range(len(per_chunk[0]))]  # [5 K, d] each
+    if args.read == "memory":
+        rows = [torch.cat((model.bos_embedding[l], stm[l, 5 * K:], rows[l])) for l in range(len(rows))]
+        return rows, stm_positions(model.memory_config.ltm_retrieved, stm.shape[1])
     return rows, torch.arange(rows[0].shape[0])
 
 
@@ -79,7 +104,7 @@ def logits(chunks: list[str], ids: torch.Tensor, rows=None) -> torch.Tensor:
         x = model.model.run_layers(model.model.embed_tokens(full)[None], cos, sin, adapter=READ)  # [1, n + T, d]
         return model.lm_head(model.model.norm(x[:, -ids.shape[0]:])).float()
     rows, positions = rows or rows_of(chunks)
-    return model.logits_with_rows(ids, positions.shape[0] + torch.arange(ids.shape[0]), rows, positions, READ)
+    return model.logits_with_rows(ids, int(positions[-1]) + 1 + torch.arange(ids.shape[0]), rows, positions, READ)
 
 
 def reply(chunks: list[str], question: str) -> str:
@@ -126,5 +151,5 @@ for step in range(args.steps):
     if (step + 1) % 50 == 0:
         print(f"step {step + 1}: loss {mean / (1 - 0.98 ** (step + 1)):.3f}", flush=True)
 right, other = evaluate()
-print(f"{args.mode}{' (fixed rows)' if args.fixed_rows else ''}, {args.steps} steps: right {right:.3f}, another "
+print(f"{args.mode}{' (fixed rows)' if args.fixed_rows else ''}{f', write {args.write}, read {args.read}, bos {args.bos}' if args.mode == 'rows' else ''}, {args.steps} steps: right {right:.3f}, another "
       f"person's value {other:.3f} ({5 * args.episodes} test questions)")

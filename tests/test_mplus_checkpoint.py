@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import OFFICIAL_TINY
 from mplus import ConfigError, MemoryConfig, MPlus, WeightsError, is_memory_checkpoint
+from hf_oracle import random_hf_llama
 from tiny import tiny_llama
 
 FIXTURE = OFFICIAL_TINY / "checkpoint"
@@ -55,6 +56,21 @@ def test_memoryllm_from_llama_recipe_and_round_trip(tmp_path):
     chunk = torch.randint(2, 97, (20,), generator=torch.Generator().manual_seed(0))
     assert torch.equal(model.inject(s1, chunk), back.inject(s2, chunk))
     assert s2.stm.shape == (2, 20, 48) and not s2.has_ltm
+
+
+def test_hidden_bos_rows_are_what_the_base_reads_at_bos(tmp_path):
+    """bos="hidden": layer l's BOS row is the transformers model's hidden state at a lone BOS entering layer l
+    (the embedding for layer 0), not the embedding repeated."""
+    llama = random_hf_llama(seed=0)
+    llama.save_pretrained(tmp_path / "llama")
+    model = MPlus.from_llama(tmp_path / "llama", SMALL_MEMORYLLM, seed=5, bos="hidden")
+    with torch.no_grad():
+        hidden = llama(torch.tensor([[llama.config.bos_token_id]]), output_hidden_states=True).hidden_states
+    expected = torch.stack([h[0] for h in hidden[:-1]])  # [L, 1, d]: the inputs of layers 0 .. L - 1
+    torch.testing.assert_close(model.bos_embedding, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(model.bos_embedding[1], model.bos_embedding[0])
+    with pytest.raises(ConfigError, match="BOS initialisation"):
+        MPlus.from_llama(tmp_path / "llama", SMALL_MEMORYLLM, bos="random")
 
 
 def test_mplus_from_llama_starts_with_an_empty_ltm_and_answers(tmp_path):

@@ -148,8 +148,11 @@ def draw_normal(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator,
     return out
 
 
-def from_llama(cls, path: str | Path, memory: MemoryConfig, seed: int, dtype: torch.dtype):
-    """A new memory model around a plain Llama folder, initialised as the official training recipe does."""
+def from_llama(cls, path: str | Path, memory: MemoryConfig, seed: int, dtype: torch.dtype, bos: str = "embedding"):
+    """A new memory model around a plain Llama folder, initialised as the official training recipe does
+    (bos="hidden": the BOS rows from bos_layer_inputs instead of the BOS embedding)."""
+    if bos not in ("embedding", "hidden"):
+        raise ConfigError(f"unknown BOS initialisation {bos!r}; use 'embedding' (the official) or 'hidden'")
     folder = Path(path)
     config = LlamaConfig.from_file(folder)
     check_sizes(config, header_shapes(checkpoint_index(folder)))  # the memory's own sizes are bounded by its config
@@ -173,6 +176,8 @@ def from_llama(cls, path: str | Path, memory: MemoryConfig, seed: int, dtype: to
                     if isinstance(linear, nn.Linear):  # HF's _init_weights default
                         linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) * 0.02)
         model.bos_embedding.copy_(model.model.embed_tokens.weight[config.bos_token_id].expand_as(model.bos_embedding))
+        if bos == "hidden":  # the adapters are still the identity (B = 0): this is the plain base
+            model.bos_embedding.copy_(bos_layer_inputs(model))
         model.new_memory_positional_emb.zero_()
     n_layers, d = config.num_hidden_layers, config.hidden_size
     stm = draw_normal((n_layers, memory.stm_size, d), dtype, g)  # [L, N, d]
@@ -225,3 +230,19 @@ def config_dict(config: LlamaConfig, memory: MemoryConfig, ltm_size: int) -> dic
     if mplus:
         out["ltm_initial_size"] = ltm_size
     return out
+
+
+def bos_layer_inputs(model) -> torch.Tensor:
+    """[L, 1, d]: what each layer of the plain base reads at a BOS that opens a sequence (position 0): the
+    embedding for layer 0, layer l - 1's output after it. These are the base's attention sinks, with norms of
+    hundreds to tens of thousands in SmolLM2, where the BOS embedding has a norm of about 4."""
+    ids = torch.tensor([model.config.bos_token_id])
+    cos, sin = model._cos_sin(torch.arange(1))  # [1, D] each
+    inputs = []
+
+    def record(l: int, x: torch.Tensor) -> torch.Tensor:
+        inputs.append(x[0])  # [1, d]
+        return x
+    with torch.no_grad():
+        model.model.run_layers(model.model.embed_tokens(ids)[None], cos, sin, layer_input=record, adapter=None)
+    return torch.stack(inputs)  # [L, 1, d]

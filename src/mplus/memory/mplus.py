@@ -89,11 +89,12 @@ class MPlus(nn.Module):
 
     @classmethod
     def from_llama(cls, path: str | Path, memory: MemoryConfig, *, seed: int = 0,
-                   dtype: torch.dtype = torch.float32) -> "MPlus":
+                   dtype: torch.dtype = torch.float32, bos: str = "embedding") -> "MPlus":
         """A new M+ / MemoryLLM around a plain Llama checkpoint, initialised as the official training recipe:
         memory ~ N(0, 1); bos_embedding[l] = embedding of BOS; new_memory_positional_emb = 0; LoRA A
-        Kaiming-uniform, B = 0; retriever weights ~ N(0, 0.02); empty LTM."""
-        return mplus_checkpoint.from_llama(cls, path, memory, seed, dtype)
+        Kaiming-uniform, B = 0; retriever weights ~ N(0, 0.02); empty LTM. bos="hidden": bos_embedding[l] is
+        instead what layer l of the base reads at BOS (checkpoint.bos_layer_inputs), the base's attention sink."""
+        return mplus_checkpoint.from_llama(cls, path, memory, seed, dtype, bos)
 
     def place(self, device: torch.device | str = "cpu", ltm_keys: str = "device") -> "MPlus":
         """Put the weights, the stored STM and the STM's prefix keys/values on `device`; the LTM rows and the

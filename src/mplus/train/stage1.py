@@ -29,6 +29,8 @@ Config (TOML, see configs/stage1-tiny.toml):
               rivals, rival_ratio, rivals_from_step (optional, default 0: people only; from that step on, a share
               rival_ratio of examples asks one of rivals + 1 people's values of one kind, each written as its own
               block, all shown as the last writes: train/memory.rival_prefix);
+              bos_init (optional, default "embedding": the official BOS rows; "hidden": the base's own hidden
+              states at BOS, its attention sinks, MPlus.from_llama),
               init (optional: an M+ folder to continue, with a fresh optimiser; its memory settings replace the
               [memory] section, which must then be absent), base may name $MPLUS_CACHE (e.g. "$MPLUS_CACHE/smollm2-135m-instruct"),
               batch (optional, default 1: examples per step, their losses averaged; under torchrun each
@@ -81,6 +83,7 @@ class Stage1Config:
     rivals: int = 0
     rival_ratio: float = 0.0
     rivals_from_step: int = 0
+    bos_init: str = "embedding"
 
     def attribute(self, step: int) -> str | None:
         """The attribute every example of this step states (attribute_run), or None for a random one each."""
@@ -105,6 +108,8 @@ class Stage1Config:
         if "init" in t and m:
             raise ConfigError(f"{path}: a stage 1 with [train] init continues that model with its own memory "
                               f"settings; remove the [memory] section")
+        if "init" in t and "bos_init" in t:
+            raise ConfigError(f"{path}: bos_init sets up a new model; one continued from [train] init keeps its own")
         with config_fields(path):
             task = Task(t.get("task", "facts"), float(t.get("chat_ratio", 0.0)), int(t.get("max_people", 1)))
             memory = None if "init" in t else MemoryConfig(kind="mplus", num_tokens=m["num_tokens"], num_blocks=m["num_blocks"],
@@ -126,6 +131,7 @@ class Stage1Config:
                        init=(path.parent / t["init"]).resolve() if "init" in t else None,
                        rivals=int(t.get("rivals", 0)), rival_ratio=float(t.get("rival_ratio", 0.0)),
                        rivals_from_step=int(t.get("rivals_from_step", 0)),
+                       bos_init=str(t.get("bos_init", "embedding")),
                        out=(path.parent / t["out"]).resolve())
 
 
@@ -145,7 +151,7 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizers.Tokenizer.from_file(str(config.base / "tokenizer.json"))
-    model = MPlus.from_llama(config.base, config.memory, seed=config.seed) if config.init is None else \
+    model = MPlus.from_llama(config.base, config.memory, seed=config.seed, bos=config.bos_init) if config.init is None else \
         MPlus.from_pretrained(config.init, base=config.base)
     if model.memory_config.task != config.task.kind:
         raise ConfigError(f"{config.init} was trained on the {model.memory_config.task!r} task, this config asks for "
