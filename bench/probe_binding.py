@@ -11,9 +11,13 @@ every person of fresh test-partition episodes (greedy, the value in the first li
           layer l become layer l's key/value rows, read by the question through the read adapter. Both
           adapters train (--fixed-rows: the rows come from the base and only the read adapter trains).
 
-The first separates what the base plus adapters can learn from what the memory's rows let it learn.
+The first separates what the base plus adapters can learn from what the memory's rows let it learn. In rows
+mode, --write memory runs M+'s own write pass (after the BOS row and the last K rows of --model's stored STM),
+--read memory lays the five blocks out as the last writes of that STM, --bos hidden starts the BOS rows from
+the base's hidden states at BOS, --stm zeros empties the STM rows: one departure from M+ at a time.
 
 Run: .venv/bin/python bench/probe_binding.py prompt|rows [--steps 300] [--episodes 12] [--fixed-rows]
+     [--write alone|memory] [--read alone|memory] [--bos embedding|hidden] [--stm stored|zeros]
 """
 import argparse
 import random
@@ -49,6 +53,8 @@ p.add_argument("--read", choices=("alone", "memory"), default="alone",
 p.add_argument("--bos", choices=("embedding", "hidden"), default="embedding",
                help="with --read/--write memory, the memory's BOS row per layer: the BOS embedding (the official "
                     "initialisation) or the base's own hidden state at BOS (mplus.memory.checkpoint.bos_layer_inputs)")
+p.add_argument("--stm", choices=("stored", "zeros"), default="stored",
+               help="with --write/--read memory, the STM rows: the stored model's, or zeros (keys and values 0)")
 args = p.parse_args()
 torch.manual_seed(0)
 stored = MPlus.from_pretrained(args.model)
@@ -57,6 +63,8 @@ if args.bos == "hidden":
     with torch.no_grad():
         model.bos_embedding.copy_(bos_layer_inputs(model))
 stm = stored.initial_state().stm  # [L, N, d]: rows written from filler by the stored model
+if args.stm == "zeros":  # no content: the prefix rows' keys and values are 0 (RMSNorm of 0 is 0)
+    stm = torch.zeros_like(stm)
 tok = tokenizers.Tokenizer.from_file(str(smollm2_dir() / "tokenizer.json"))
 K = model.memory_config.num_tokens
 model.requires_grad_(False)
@@ -151,5 +159,5 @@ for step in range(args.steps):
     if (step + 1) % 50 == 0:
         print(f"step {step + 1}: loss {mean / (1 - 0.98 ** (step + 1)):.3f}", flush=True)
 right, other = evaluate()
-print(f"{args.mode}{' (fixed rows)' if args.fixed_rows else ''}{f', write {args.write}, read {args.read}, bos {args.bos}' if args.mode == 'rows' else ''}, {args.steps} steps: right {right:.3f}, another "
+print(f"{args.mode}{' (fixed rows)' if args.fixed_rows else ''}{f', write {args.write}, read {args.read}, bos {args.bos}, stm {args.stm}' if args.mode == 'rows' else ''}, {args.steps} steps: right {right:.3f}, another "
       f"person's value {other:.3f} ({5 * args.episodes} test questions)")
