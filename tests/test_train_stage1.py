@@ -76,3 +76,24 @@ def test_stage1_continues_a_trained_model_with_its_memory_settings(tmp_path):
     (tmp_path / "both.toml").write_text(second.replace("[train]", STAGE1[STAGE1.index("[memory]"):STAGE1.index("[train]")] + "[train]"))
     with pytest.raises(ConfigError, match="remove the \\[memory\\] section"):
         Stage1Config.from_toml(tmp_path / "both.toml")
+
+
+def test_bos_init_hidden_starts_the_bos_rows_from_the_base(tmp_path):
+    """bos_init = "hidden": the saved model's BOS rows are the base's hidden states at BOS, moved only by training;
+    a continued model (init) keeps its own, so the key is refused there."""
+    from mplus import MPlus
+    from mplus.llama.config import ConfigError
+    import pytest
+    (tmp_path / "base.toml").write_text(BASE.replace('out = "run"', 'out = "base"').replace("steps = 40", "steps = 5"))
+    train_base(BaseTrainConfig.from_toml(tmp_path / "base.toml"), progress=False)
+    (tmp_path / "s.toml").write_text(STAGE1.format(out="s").replace("steps = 24", "steps = 2")
+                                     .replace("[train]", '[train]\nbos_init = "hidden"'))
+    train(Stage1Config.from_toml(tmp_path / "s.toml"), progress=False)
+    model = MPlus.from_pretrained(tmp_path / "s")
+    official = MPlus.from_llama(tmp_path / "base", model.memory_config).bos_embedding
+    hidden = MPlus.from_llama(tmp_path / "base", model.memory_config, bos="hidden").bos_embedding
+    assert (model.bos_embedding - hidden).abs().max() < 0.05 < (model.bos_embedding - official).abs().max()
+    (tmp_path / "c.toml").write_text(STAGE1.format(out="c").replace(STAGE1[STAGE1.index("[memory]"):STAGE1.index("[train]")], "")
+                                     .replace("[train]", '[train]\ninit = "s"\nbos_init = "hidden"'))
+    with pytest.raises(ConfigError, match="bos_init"):
+        Stage1Config.from_toml(tmp_path / "c.toml")
