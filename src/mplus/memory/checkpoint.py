@@ -235,7 +235,7 @@ def config_dict(config: LlamaConfig, memory: MemoryConfig, ltm_size: int) -> dic
 def bos_layer_inputs(model) -> torch.Tensor:
     """[L, 1, d]: what each layer of the plain base reads at a BOS that opens a sequence (position 0): the
     embedding for layer 0, layer l - 1's output after it. These are the base's attention sinks, with norms of
-    hundreds to tens of thousands in SmolLM2, where the BOS embedding has a norm of about 4."""
+    hundreds to tens of thousands in SmolLM2, where the BOS embedding has a norm of about 3."""
     ids = torch.tensor([model.config.bos_token_id])
     cos, sin = model._cos_sin(torch.arange(1))  # [1, D] each
     inputs = []
