@@ -110,6 +110,8 @@ class Stage1Config:
                               f"settings; remove the [memory] section")
         if "init" in t and "bos_init" in t:
             raise ConfigError(f"{path}: bos_init sets up a new model; one continued from [train] init keeps its own")
+        if t.get("bos_init", "embedding") not in ("embedding", "hidden"):
+            raise ConfigError(f"{path}: bos_init is {t['bos_init']!r}; use \"embedding\" (the official) or \"hidden\"")
         with config_fields(path):
             task = Task(t.get("task", "facts"), float(t.get("chat_ratio", 0.0)), int(t.get("max_people", 1)))
             memory = None if "init" in t else MemoryConfig(kind="mplus", num_tokens=m["num_tokens"], num_blocks=m["num_blocks"],
