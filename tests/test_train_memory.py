@@ -7,7 +7,7 @@ from conftest import OFFICIAL_TINY
 from mplus import MPlus
 from mplus.memory.lora import READ
 from mplus.memory.prefix import stm_positions
-from mplus.train.memory import Placement, full_memory_prefix, stage1_loss, trainable_parameters
+from mplus.train.memory import Placement, full_memory_prefix, stage1_loss, trainable_parameters, write_in_sequence
 
 
 @pytest.fixture
@@ -97,26 +97,57 @@ def test_a_filled_retrieved_zone_holds_other_rows_and_the_block_stays_in_the_stm
     assert 15 <= sum(shares) <= 45
 
 
-def test_rival_blocks_are_the_last_writes_with_the_asked_one_among_them(model):
+def test_rival_blocks_are_the_last_writes_in_their_order(model):
     state = model.initial_state()
     N, K, k0 = model.memory_config.stm_size, model.memory_config.num_tokens, model.memory_config.ltm_retrieved
-    delta, rivals = torch.randn(3, K, 64), torch.randn(2, 3, K, 64)  # R = 2 rival blocks
-    places = set()
-    for seed in range(20):
-        rows, positions = full_memory_prefix(model, state.stm, delta, torch.Generator().manual_seed(seed),
-                                             Placement(max_age=3, ltm_ratio=0.5), rivals)
+    written = torch.randn(3, 3, K, 64)  # the asked block among R = 2 rivals, in write order
+    for seed in range(5):
+        rows, positions = full_memory_prefix(model, state.stm, written[1], torch.Generator().manual_seed(seed),
+                                             Placement(max_age=3, ltm_ratio=0.5), written)
         assert torch.equal(positions, stm_positions(k0, N))  # the STM layout; the placement options do not apply
         for l, r in enumerate(rows):
             assert r.shape == (1 + N, 64)
-            tail = r[1 + N - 3 * K:].reshape(3, K, 64)  # the last three writes, in their order
-            at = next(j for j in range(3) if torch.equal(tail[j], delta[l]))
-            assert torch.equal(torch.cat((tail[:at], tail[at + 1:])), rivals[:, l])
-            places.add(at)
-    assert places == {0, 1, 2}
-    rows, positions = full_memory_prefix(model, state.stm, delta, torch.Generator(), Placement(filled_ratio=1.0), rivals)
+            assert torch.equal(r[1 + N - 3 * K:], written[:, l].flatten(0, 1))  # the last three writes, in order
+    rows, positions = full_memory_prefix(model, state.stm, written[1], torch.Generator(), Placement(filled_ratio=1.0),
+                                         written)
     assert rows[0].shape == (1 + k0 + N, 64) and torch.equal(positions, torch.arange(1 + k0 + N))
     with pytest.raises(ValueError, match="do not fit"):
-        full_memory_prefix(model, state.stm, delta, torch.Generator(), Placement(), torch.randn(4, 3, K, 64))
+        full_memory_prefix(model, state.stm, written[1], torch.Generator(), Placement(), torch.randn(5, 3, K, 64))
+
+
+def test_the_asked_chunk_sits_at_a_random_place_among_its_rivals(model, monkeypatch):
+    """stage1_loss's rival path shows the R + 1 blocks in write order, with the asked chunk's at every place."""
+    import mplus.train.memory as memory
+    seen, prefix = [], memory.full_memory_prefix
+
+    def recording(model, stm, delta, g, placement, written):
+        seen.append(next(j for j in range(written.shape[0]) if torch.equal(written[j], delta)))
+        return prefix(model, stm, delta, g, placement, written)
+
+    monkeypatch.setattr(memory, "full_memory_prefix", recording)
+    stm = model.initial_state().stm
+    chunks = [torch.randint(3, 200, (12,), generator=torch.Generator().manual_seed(c)) for c in range(3)]
+    with torch.no_grad():
+        for seed in range(20):
+            _, delta = stage1_loss(model, stm, chunks[0], torch.arange(3, 13), torch.arange(10) >= 6,
+                                   fresh_only=False, g=torch.Generator().manual_seed(seed), rival_chunks=chunks[1:])
+            assert torch.equal(delta, model.new_memory_block(stm, chunks[0]))  # all written from the same STM
+    assert set(seen) == {0, 1, 2}
+
+
+def test_rivals_in_sequence_are_written_as_inference_writes_them(model):
+    """write_in_sequence equals writing the chunks one by one into a state (model.write), each write pass reading
+    the previous chunk's block; writing them all from one STM does not."""
+    state = model.initial_state()
+    chunks = [torch.randint(3, 200, (10 + c,), generator=torch.Generator().manual_seed(c)) for c in range(3)]
+    with torch.no_grad():
+        got = write_in_sequence(model, state.stm, chunks)  # [3, L, K, d]
+        together = torch.stack([model.new_memory_block(state.stm, ids) for ids in chunks])
+        for c, ids in enumerate(chunks):
+            block = model.new_memory_block(state.stm, ids)
+            assert (got[c] - block).abs().max() <= 1e-6
+            model.write(state, block, state.generator)
+    assert torch.equal(got[0], together[0]) and (got[1:] - together[1:]).abs().max() > 1e-3
 
 
 def test_placement_in_the_retrieved_zone_needs_retrieved_rows():

@@ -97,3 +97,21 @@ def test_bos_init_hidden_starts_the_bos_rows_from_the_base(tmp_path):
                                      .replace("[train]", '[train]\ninit = "s"\nbos_init = "hidden"'))
     with pytest.raises(ConfigError, match="bos_init"):
         Stage1Config.from_toml(tmp_path / "c.toml")
+
+
+def test_rivals_in_sequence_reaches_the_loss_and_must_be_a_boolean(tmp_path, monkeypatch):
+    import pytest
+    import mplus.train.stage1 as stage1
+    from mplus.llama.config import ConfigError
+    (tmp_path / "base.toml").write_text(BASE.replace('out = "run"', 'out = "base"').replace("steps = 40", "steps = 5"))
+    train_base(BaseTrainConfig.from_toml(tmp_path / "base.toml"), progress=False)
+    seen, loss = [], stage1.stage1_loss
+    monkeypatch.setattr(stage1, "stage1_loss", lambda *a, **kw: seen.append(kw["in_sequence"]) or loss(*a, **kw))
+    for out, value, expected in (("a", "", False), ("b", "rivals_in_sequence = true", True)):
+        (tmp_path / "s.toml").write_text(STAGE1.format(out=out).replace("steps = 24", "steps = 1")
+                                         .replace("[train]", f"[train]\n{value}"))
+        train(Stage1Config.from_toml(tmp_path / "s.toml"), progress=False)
+        assert seen.pop() is expected
+    (tmp_path / "s.toml").write_text(STAGE1.format(out="s").replace("[train]", '[train]\nrivals_in_sequence = "yes"'))
+    with pytest.raises(ConfigError, match="rivals_in_sequence"):
+        Stage1Config.from_toml(tmp_path / "s.toml")

@@ -59,15 +59,16 @@ class Placement:
 
 
 def full_memory_prefix(model, stm: torch.Tensor, delta: torch.Tensor, g: torch.Generator,
-                       placement: Placement = Placement(), rivals: torch.Tensor | None = None
+                       placement: Placement = Placement(), written: torch.Tensor | None = None
                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per layer [bos, N - K random STM rows in order, the new block]: the memory as it will be after the write
     (or, with a non-default placement, as it will be later; see Placement). Returns rows and their positions.
-    rivals [R, L, K, d]: blocks written from other people's values of the asked kind; see rival_prefix."""
+    written [R + 1, L, K, d]: the asked block among R rivals (other people's values of the asked kind), in
+    write order; delta is then unused; see rival_prefix."""
     mem = model.memory_config
     N, K, k0 = mem.stm_size, mem.num_tokens, mem.ltm_retrieved
-    if rivals is not None:
-        return rival_prefix(model, stm, delta, rivals, g, placement.filled_ratio)
+    if written is not None:
+        return rival_prefix(model, stm, written, g, placement.filled_ratio)
     age = int(torch.randint(0, placement.max_age + 1, (), generator=g)) if placement.max_age else 0
     q = placement.min_keep + (1 - placement.min_keep) * float(torch.rand((), generator=g)) \
         if placement.min_keep < 1 else 1.0
@@ -102,20 +103,19 @@ def other_rows(stm: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
     return stm[torch.randperm(stm.shape[0], generator=g)[:n].sort().values] if n else stm[:0]  # [n, d]
 
 
-def rival_prefix(model, stm: torch.Tensor, delta: torch.Tensor, rivals: torch.Tensor, g: torch.Generator,
+def rival_prefix(model, stm: torch.Tensor, written: torch.Tensor, g: torch.Generator,
                  filled_ratio: float = 0.0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per layer [bos, (K0 other rows,) N - (R + 1) K random STM rows in order, the R + 1 blocks]: the asked
-    block at a random place among R rival blocks [R, L, K, d], as the last R + 1 writes. The memory of the
-    interference benchmark (five people's values of one kind), which only the name answers."""
+    block among R rival blocks, written [R + 1, L, K, d] in write order, as the last R + 1 writes. The memory of
+    the interference benchmark (five people's values of one kind), which only the name answers."""
     mem = model.memory_config
-    N, K, k0, R = mem.stm_size, mem.num_tokens, mem.ltm_retrieved, rivals.shape[0]
+    N, K, k0, R = mem.stm_size, mem.num_tokens, mem.ltm_retrieved, written.shape[0] - 1
     if (R + 1) * K > N:
         raise ValueError(f"{R} rival blocks and the asked one ({(R + 1) * K} rows) do not fit the STM's {N} rows")
-    at = int(torch.randint(0, R + 1, (), generator=g))
     filled = filled_ratio > 0 and float(torch.rand((), generator=g)) < filled_ratio
     rows = []
     for l in range(stm.shape[0]):
-        blocks = torch.cat((rivals[:at, l], delta[l][None], rivals[at:, l])).flatten(0, 1)  # [(R + 1) K, d]
+        blocks = written[:, l].flatten(0, 1)  # [(R + 1) K, d]
         keep = torch.randperm(N, generator=g)[:N - (R + 1) * K].sort().values  # [N - (R + 1) K]
         zone = other_rows(stm[l], k0 if filled else 0, g)  # [K0 or 0, d]
         rows.append(torch.cat((model.bos_embedding[l], zone, stm[l][keep], blocks)))
@@ -124,30 +124,50 @@ def rival_prefix(model, stm: torch.Tensor, delta: torch.Tensor, rivals: torch.Te
 
 def stage1_loss(model, stm: torch.Tensor, chunk: torch.Tensor, sentence: torch.Tensor, targets: torch.Tensor,
                 *, fresh_only: bool, g: torch.Generator, placement: Placement = Placement(),
-                rival_chunks: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                rival_chunks: Sequence[torch.Tensor] = (), in_sequence: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, new block [L, K, d]) for one example.
 
     chunk [n] is written; sentence [T] is read back; targets [T] (bool) marks the tokens whose prediction counts
     (e.g. only the answer of a question). The returned block still carries its gradient; write it into the
     STM detached after the optimiser step, as the recipe does. rival_chunks (full memory only): other people's
-    chunks, written from the same STM and shown beside the block (rival_prefix). Their blocks keep their
-    gradient: the write adapter also learns from the blocks the answer must not come from (bench/probe_binding.py
-    on SmolLM2, five chunks' rows read through fresh adapters for 300 steps: 0.77 right with the write adapter
-    training on every block, 0.38 with the rows fixed).
+    chunks, shown with the block at a random place among them, as the last writes (rival_prefix). Their blocks
+    keep their gradient: the write adapter also learns from the blocks the answer must not come from
+    (bench/probe_binding.py on SmolLM2, five chunks' rows read through fresh adapters for 300 steps: 0.77 right
+    with the write adapter training on every block, 0.38 with the rows fixed). They are all written from the same
+    STM, or, with in_sequence, one after another as inference writes them (write_in_sequence).
     """
     K = model.memory_config.num_tokens
-    delta = model.new_memory_block(stm, chunk)  # [L, K, d], differentiable
-    rivals = torch.stack([model.new_memory_block(stm, c) for c in rival_chunks]) \
-        if len(rival_chunks) else None  # [R, L, K, d], differentiable
+    written = None
+    if len(rival_chunks):
+        at = int(torch.randint(0, len(rival_chunks) + 1, (), generator=g))
+        chunks = [*rival_chunks[:at], chunk, *rival_chunks[at:]]
+        written = write_in_sequence(model, stm, chunks) if in_sequence else \
+            torch.stack([model.new_memory_block(stm, c) for c in chunks])  # [R + 1, L, K, d], differentiable
+        delta = written[at]  # [L, K, d]
+    else:
+        delta = model.new_memory_block(stm, chunk)  # [L, K, d], differentiable
     if fresh_only:
         rows = [torch.cat((model.bos_embedding[l], delta[l])) for l in range(delta.shape[0])]  # [1 + K, d] each
         logits = model.logits_with_rows(sentence, 1 + K + torch.arange(sentence.shape[0]), rows, torch.arange(1 + K),
                                         WRITE)
     else:
-        rows, row_positions = full_memory_prefix(model, stm, delta, g, placement, rivals)
+        rows, row_positions = full_memory_prefix(model, stm, delta, g, placement, written)
         positions = model.memory_config.virtual_prefix + torch.arange(sentence.shape[0])
         logits = model.logits_with_rows(sentence, positions, rows, row_positions, READ)
     return answer_loss(logits, sentence, targets), delta
+
+
+def write_in_sequence(model, stm: torch.Tensor, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The blocks [C, L, K, d] of chunks written one after another from stm [L, N, d]: each chunk's write pass
+    reads the previous chunk's block as its last K STM rows (the only STM rows a write reads), as at inference,
+    where a person's fact is written right after the previous person's. Gradient flows into each block from its
+    own write pass only: the prefix rows are detached, as the STM is."""
+    K, blocks = model.memory_config.num_tokens, []
+    for c in chunks:
+        blocks.append(model.new_memory_block(stm, c))  # [L, K, d]
+        stm = torch.cat((stm[:, K:], blocks[-1].detach()), 1)  # [L, N, d]: the block's rows are now the last K
+    return torch.stack(blocks)
 
 
 def answer_loss(logits: torch.Tensor, sentence: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

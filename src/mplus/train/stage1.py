@@ -28,7 +28,9 @@ Config (TOML, see configs/stage1-tiny.toml):
               hold other people's values of the asked kind and only the name tells them apart);
               rivals, rival_ratio, rivals_from_step (optional, default 0: people only; from that step on, a share
               rival_ratio of examples asks one of rivals + 1 people's values of one kind, each written as its own
-              block, all shown as the last writes: train/memory.rival_prefix);
+              block, all shown as the last writes: train/memory.rival_prefix); rivals_in_sequence (optional,
+              default false: all written from the step's STM; true: one after another, each write pass reading
+              the previous person's block as inference does, train/memory.write_in_sequence);
               bos_init (optional, default "embedding": the official BOS rows; "hidden": the base's own hidden
               states at BOS, its attention sinks, MPlus.from_llama),
               init (optional: an M+ folder to continue, with a fresh optimiser; its memory settings replace the
@@ -83,6 +85,7 @@ class Stage1Config:
     rivals: int = 0
     rival_ratio: float = 0.0
     rivals_from_step: int = 0
+    rivals_in_sequence: bool = False
     bos_init: str = "embedding"
 
     def attribute(self, step: int) -> str | None:
@@ -112,6 +115,8 @@ class Stage1Config:
             raise ConfigError(f"{path}: bos_init sets up a new model; one continued from [train] init keeps its own")
         if t.get("bos_init", "embedding") not in ("embedding", "hidden"):
             raise ConfigError(f"{path}: bos_init is {t['bos_init']!r}; use \"embedding\" (the official) or \"hidden\"")
+        if not isinstance(t.get("rivals_in_sequence", False), bool):
+            raise ConfigError(f"{path}: rivals_in_sequence is {t['rivals_in_sequence']!r}; use true or false")
         with config_fields(path):
             task = Task(t.get("task", "facts"), float(t.get("chat_ratio", 0.0)), int(t.get("max_people", 1)))
             memory = None if "init" in t else MemoryConfig(kind="mplus", num_tokens=m["num_tokens"], num_blocks=m["num_blocks"],
@@ -133,6 +138,7 @@ class Stage1Config:
                        init=(path.parent / t["init"]).resolve() if "init" in t else None,
                        rivals=int(t.get("rivals", 0)), rival_ratio=float(t.get("rival_ratio", 0.0)),
                        rivals_from_step=int(t.get("rivals_from_step", 0)),
+                       rivals_in_sequence=bool(t.get("rivals_in_sequence", False)),
                        bos_init=str(t.get("bos_init", "embedding")),
                        out=(path.parent / t["out"]).resolve())
 
@@ -180,7 +186,8 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
         for i in mine:
             (chunk, sentence, targets, rival_chunks), fresh_only = examples[i]
             loss, delta = stage1_loss(model, state.stm, chunk, sentence, targets, fresh_only=fresh_only, g=gens[i],
-                                      placement=config.placement, rival_chunks=rival_chunks)
+                                      placement=config.placement, rival_chunks=rival_chunks,
+                                      in_sequence=config.rivals_in_sequence)
             (loss / config.batch).backward()  # the global batch's mean; backward per example frees its graph
             local += loss.item() / config.batch if config.batch > 1 else loss.item()
             deltas.append(delta.detach())
