@@ -54,6 +54,7 @@ train-tiny: venv
 train-smol: fetch
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/mplus train --config configs/stage1-smol.toml
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/mplus train --config configs/stage1b-smol.toml
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m mplus train --config configs/stage1c-smol.toml
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/mplus train --config configs/stage2-smol.toml
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/mplus train --config configs/stage3-smol.toml
 	$(VENV)/bin/mplus ship --model runs/stage3-smol --base $(MPLUS_CACHE)/smollm2-135m-instruct --out checkpoints/smollm2-mplus
