@@ -12,12 +12,13 @@ every person of fresh test-partition episodes (greedy, the value in the first li
           adapters train (--fixed-rows: the rows come from the base and only the read adapter trains).
 
 The first separates what the base plus adapters can learn from what the memory's rows let it learn. In rows
-mode, --write memory runs M+'s own write pass (after the BOS row and the last K rows of --model's stored STM),
+mode, --write memory runs M+'s own write pass (after the BOS row and the last K rows of --model's stored STM;
+--write sequence: each chunk after the previous chunk's block, as inference writes them),
 --read memory lays the five blocks out as the last writes of that STM, --bos hidden starts the BOS rows from
 the base's hidden states at BOS, --stm zeros empties the STM rows: one departure from M+ at a time.
 
 Run: .venv/bin/python bench/probe_binding.py prompt|rows [--steps 300] [--episodes 12] [--fixed-rows]
-     [--write alone|memory] [--read alone|memory] [--bos embedding|hidden] [--stm stored|zeros]
+     [--write alone|memory|sequence] [--read alone|memory] [--bos embedding|hidden] [--stm stored|zeros]
 """
 import argparse
 import random
@@ -36,6 +37,7 @@ from mplus.llama.rope import rope_cos_sin
 from mplus.memory.checkpoint import bos_layer_inputs
 from mplus.memory.lora import READ, WRITE
 from mplus.memory.prefix import stm_positions
+from mplus.train.memory import write_in_sequence
 from mplus.train.tasks import qa_ids
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -46,8 +48,9 @@ p.add_argument("--episodes", type=int, default=12, help="test episodes of five q
 p.add_argument("--fixed-rows", action="store_true", help="rows: the base writes the rows, only reading trains")
 p.add_argument("--model", default="checkpoints/smollm2-mplus",
                help="its memory settings (K, LoRA r) are used, and its stored STM by --write/--read memory")
-p.add_argument("--write", choices=("alone", "memory"), default="alone",
-               help="rows: each chunk alone (its last K outputs), or M+'s write pass after the stored STM")
+p.add_argument("--write", choices=("alone", "memory", "sequence"), default="alone",
+               help="rows: each chunk alone (its last K outputs), M+'s write pass after the stored STM, or M+'s "
+                    "write pass after the previous chunk's block")
 p.add_argument("--read", choices=("alone", "memory"), default="alone",
                help="rows: the five blocks alone, or among the stored STM's rows at M+'s read positions")
 p.add_argument("--bos", choices=("embedding", "hidden"), default="embedding",
@@ -82,8 +85,10 @@ def episode(rng: random.Random, split: str) -> tuple[dict, list[str]]:
 
 def rows_of(chunks: list[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per layer l, the last K outputs of layer l of every chunk written alone [5 K, d], and their positions."""
-    if args.write == "memory":
-        blocks = torch.stack([model.new_memory_block(stm, torch.tensor(tok.encode(c).ids)) for c in chunks])  # [5, L, K, d]
+    if args.write != "alone":
+        ids = [torch.tensor(tok.encode(c).ids) for c in chunks]
+        blocks = (write_in_sequence(model, stm, ids) if args.write == "sequence"
+                  else torch.stack([model.new_memory_block(stm, i) for i in ids]))  # [5, L, K, d]
         if args.read == "memory":  # the last 5 K STM slots, as five consecutive writes leave them
             rows = [torch.cat((model.bos_embedding[l], stm[l, 5 * K:], blocks[:, l].flatten(0, 1))) for l in range(len(stm))]
             return rows, stm_positions(model.memory_config.ltm_retrieved, stm.shape[1])

@@ -232,7 +232,7 @@ def main(argv=None) -> int:
         run_step(args)
         return 0
     print(f"scale bench, shape {args.shape}, {args.threads} thread(s), out {args.out}\n{cache_note(args.shape)}")
-    print(f"| step | wall s | peak RSS GB | |\n|---|---|---|---|", flush=True)
+    print("| step | wall s | peak RSS GB | |\n|---|---|---|---|", flush=True)
     failed = False
     for step in STEPS[1:] if args.keep else STEPS:
         cmd = [sys.executable, __file__, "--step", step, "--shape", args.shape, "--out", str(args.out),

@@ -1,13 +1,16 @@
 """Stage-1 building blocks: the read path used in training equals inference, gradient reaches both adapters,
 and a few optimiser steps on one example lower its loss."""
+import dataclasses
+
 import pytest
 import torch
 
 from conftest import OFFICIAL_TINY
 from mplus import MPlus
-from mplus.memory.lora import READ
+from mplus.memory.lora import READ, WRITE
 from mplus.memory.prefix import stm_positions
-from mplus.train.memory import Placement, full_memory_prefix, stage1_loss, trainable_parameters, write_in_sequence
+from mplus.train.memory import (Placement, full_memory_prefix, rival_prefix, stage1_loss, trainable_parameters,
+                                write_in_sequence)
 
 
 @pytest.fixture
@@ -102,29 +105,27 @@ def test_rival_blocks_are_the_last_writes_in_their_order(model):
     N, K, k0 = model.memory_config.stm_size, model.memory_config.num_tokens, model.memory_config.ltm_retrieved
     written = torch.randn(3, 3, K, 64)  # the asked block among R = 2 rivals, in write order
     for seed in range(5):
-        rows, positions = full_memory_prefix(model, state.stm, written[1], torch.Generator().manual_seed(seed),
-                                             Placement(max_age=3, ltm_ratio=0.5), written)
-        assert torch.equal(positions, stm_positions(k0, N))  # the STM layout; the placement options do not apply
+        rows, positions = rival_prefix(model, state.stm, written, torch.Generator().manual_seed(seed))
+        assert torch.equal(positions, stm_positions(k0, N))  # the STM layout
         for l, r in enumerate(rows):
             assert r.shape == (1 + N, 64)
             assert torch.equal(r[1 + N - 3 * K:], written[:, l].flatten(0, 1))  # the last three writes, in order
-    rows, positions = full_memory_prefix(model, state.stm, written[1], torch.Generator(), Placement(filled_ratio=1.0),
-                                         written)
+    rows, positions = rival_prefix(model, state.stm, written, torch.Generator(), filled_ratio=1.0)
     assert rows[0].shape == (1 + k0 + N, 64) and torch.equal(positions, torch.arange(1 + k0 + N))
     with pytest.raises(ValueError, match="do not fit"):
-        full_memory_prefix(model, state.stm, written[1], torch.Generator(), Placement(), torch.randn(5, 3, K, 64))
+        rival_prefix(model, state.stm, torch.randn(5, 3, K, 64), torch.Generator())
 
 
 def test_the_asked_chunk_sits_at_a_random_place_among_its_rivals(model, monkeypatch):
     """stage1_loss's rival path shows the R + 1 blocks in write order, with the asked chunk's at every place."""
     import mplus.train.memory as memory
-    seen, prefix = [], memory.full_memory_prefix
+    shown, prefix, seen = [], memory.rival_prefix, []
 
-    def recording(model, stm, delta, g, placement, written):
-        seen.append(next(j for j in range(written.shape[0]) if torch.equal(written[j], delta)))
-        return prefix(model, stm, delta, g, placement, written)
+    def recording(model, stm, written, g, filled_ratio):
+        shown.append(written)
+        return prefix(model, stm, written, g, filled_ratio)
 
-    monkeypatch.setattr(memory, "full_memory_prefix", recording)
+    monkeypatch.setattr(memory, "rival_prefix", recording)
     stm = model.initial_state().stm
     chunks = [torch.randint(3, 200, (12,), generator=torch.Generator().manual_seed(c)) for c in range(3)]
     with torch.no_grad():
@@ -132,6 +133,7 @@ def test_the_asked_chunk_sits_at_a_random_place_among_its_rivals(model, monkeypa
             _, delta = stage1_loss(model, stm, chunks[0], torch.arange(3, 13), torch.arange(10) >= 6,
                                    fresh_only=False, g=torch.Generator().manual_seed(seed), rival_chunks=chunks[1:])
             assert torch.equal(delta, model.new_memory_block(stm, chunks[0]))  # all written from the same STM
+            seen.append(next(j for j in range(shown[-1].shape[0]) if torch.equal(shown[-1][j], delta)))
     assert set(seen) == {0, 1, 2}
 
 
@@ -199,3 +201,34 @@ def test_rival_blocks_keep_their_gradient(model, monkeypatch):
                           g=torch.Generator().manual_seed(1), rival_chunks=chunks[1:])
     grads = torch.autograd.grad(loss, blocks)  # fails outright for a block written without its gradient
     assert len(blocks) == 3 and all(grad.abs().sum() > 0 for grad in grads)
+
+
+def _bos_only_write(model, ids):
+    """The write pass of write_prefix "bos", layer by layer: the chunk (n >= K) reads the BOS row at position 0
+    and itself at positions K + 1.., the new-memory embedding added to its last K rows at every layer."""
+    K, n = model.memory_config.num_tokens, ids.shape[0]
+    cos, sin = model._cos_sin(torch.arange(1 + K + n))
+    x, block = model._embed(ids)[None], []  # [1, n, d]
+    for l, layer in enumerate(model.model.layers):
+        x = torch.cat((x[:, :-K], x[:, -K:] + model.new_memory_positional_emb), 1)
+        bos = layer.prefix_kv(model.bos_embedding[l][None], cos[:1], sin[:1], WRITE)
+        x = layer(x, cos[1 + K:], sin[1 + K:], prefix_kv=bos, adapter=WRITE)  # [1, n, d]
+        block.append(x[0, -K:])
+    return torch.stack(block)  # [L, K, d]
+
+
+def test_write_prefix_bos_leaves_the_stm_unread(model):
+    """The official write pass reads the last K STM rows; with write_prefix "bos" a chunk's block is the same
+    whatever the STM holds, and equals the layer-by-layer reference. A chunk shorter than K still fills its block
+    with the STM rows it rewrites."""
+    stm, K = model.initial_state().stm, model.memory_config.num_tokens
+    other = torch.randn_like(stm)
+    ids = torch.randint(3, 200, (K + 5,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model.new_memory_block(stm, ids) - model.new_memory_block(other, ids)).abs().max() > 1e-3
+        model.memory_config = dataclasses.replace(model.memory_config, write_prefix="bos")
+        block = model.new_memory_block(stm, ids)  # [L, K, d]
+        assert torch.equal(block, model.new_memory_block(other, ids))
+        assert (block - _bos_only_write(model, ids)).abs().max() <= 1e-5
+        short = model.new_memory_block(stm, ids[:K - 3])
+        assert short.shape == block.shape and (short - model.new_memory_block(other, ids[:K - 3])).abs().max() > 1e-3

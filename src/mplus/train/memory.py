@@ -59,16 +59,11 @@ class Placement:
 
 
 def full_memory_prefix(model, stm: torch.Tensor, delta: torch.Tensor, g: torch.Generator,
-                       placement: Placement = Placement(), written: torch.Tensor | None = None
-                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
+                       placement: Placement = Placement()) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per layer [bos, N - K random STM rows in order, the new block]: the memory as it will be after the write
-    (or, with a non-default placement, as it will be later; see Placement). Returns rows and their positions.
-    written [R + 1, L, K, d]: the asked block among R rivals (other people's values of the asked kind), in
-    write order; delta is then unused; see rival_prefix."""
+    (or, with a non-default placement, as it will be later; see Placement). Returns rows and their positions."""
     mem = model.memory_config
     N, K, k0 = mem.stm_size, mem.num_tokens, mem.ltm_retrieved
-    if written is not None:
-        return rival_prefix(model, stm, written, g, placement.filled_ratio)
     age = int(torch.randint(0, placement.max_age + 1, (), generator=g)) if placement.max_age else 0
     q = placement.min_keep + (1 - placement.min_keep) * float(torch.rand((), generator=g)) \
         if placement.min_keep < 1 else 1.0
@@ -152,7 +147,8 @@ def stage1_loss(model, stm: torch.Tensor, chunk: torch.Tensor, sentence: torch.T
         logits = model.logits_with_rows(sentence, 1 + K + torch.arange(sentence.shape[0]), rows, torch.arange(1 + K),
                                         WRITE)
     else:
-        rows, row_positions = full_memory_prefix(model, stm, delta, g, placement, written)
+        rows, row_positions = full_memory_prefix(model, stm, delta, g, placement) if written is None else \
+            rival_prefix(model, stm, written, g, placement.filled_ratio)
         positions = model.memory_config.virtual_prefix + torch.arange(sentence.shape[0])
         logits = model.logits_with_rows(sentence, positions, rows, row_positions, READ)
     return answer_loss(logits, sentence, targets), delta
