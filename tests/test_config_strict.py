@@ -81,8 +81,6 @@ def test_llama_fields_are_strict(change, field):
     ({"decay_frequency": 0}, "decay_frequency"),  # rows would never leave the LTM
     ({"initial_rf_when_moving_stm_to_ltm": "3"}, "initial_rf_when_moving_stm_to_ltm"),
     ({"update_ltm_frequency": 0}, "update_ltm_frequency"),
-    ({"mplus_write_prefix": "none"}, "mplus_write_prefix"),
-    ({"mplus_write_prefix": 1}, "mplus_write_prefix"),
 ])
 def test_memory_fields_are_strict(change, field):
     with pytest.raises(ConfigError, match=f"'{field}'"):

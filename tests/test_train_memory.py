@@ -1,13 +1,11 @@
 """Stage-1 building blocks: the read path used in training equals inference, gradient reaches both adapters,
 and a few optimiser steps on one example lower its loss."""
-import dataclasses
-
 import pytest
 import torch
 
 from conftest import OFFICIAL_TINY
 from mplus import MPlus
-from mplus.memory.lora import READ, WRITE
+from mplus.memory.lora import READ
 from mplus.memory.prefix import stm_positions
 from mplus.train.memory import (Placement, full_memory_prefix, rival_prefix, stage1_loss, trainable_parameters,
                                 write_in_sequence)
@@ -202,33 +200,3 @@ def test_rival_blocks_keep_their_gradient(model, monkeypatch):
     grads = torch.autograd.grad(loss, blocks)  # fails outright for a block written without its gradient
     assert len(blocks) == 3 and all(grad.abs().sum() > 0 for grad in grads)
 
-
-def _bos_only_write(model, ids):
-    """The write pass of write_prefix "bos", layer by layer: the chunk (n >= K) reads the BOS row at position 0
-    and itself at positions K + 1.., the new-memory embedding added to its last K rows at every layer."""
-    K, n = model.memory_config.num_tokens, ids.shape[0]
-    cos, sin = model._cos_sin(torch.arange(1 + K + n))
-    x, block = model._embed(ids)[None], []  # [1, n, d]
-    for l, layer in enumerate(model.model.layers):
-        x = torch.cat((x[:, :-K], x[:, -K:] + model.new_memory_positional_emb), 1)
-        bos = layer.prefix_kv(model.bos_embedding[l][None], cos[:1], sin[:1], WRITE)
-        x = layer(x, cos[1 + K:], sin[1 + K:], prefix_kv=bos, adapter=WRITE)  # [1, n, d]
-        block.append(x[0, -K:])
-    return torch.stack(block)  # [L, K, d]
-
-
-def test_write_prefix_bos_leaves_the_stm_unread(model):
-    """The official write pass reads the last K STM rows; with write_prefix "bos" a chunk's block is the same
-    whatever the STM holds, and equals the layer-by-layer reference. A chunk shorter than K still fills its block
-    with the STM rows it rewrites."""
-    stm, K = model.initial_state().stm, model.memory_config.num_tokens
-    other = torch.randn_like(stm)
-    ids = torch.randint(3, 200, (K + 5,), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model.new_memory_block(stm, ids) - model.new_memory_block(other, ids)).abs().max() > 1e-3
-        model.memory_config = dataclasses.replace(model.memory_config, write_prefix="bos")
-        block = model.new_memory_block(stm, ids)  # [L, K, d]
-        assert torch.equal(block, model.new_memory_block(other, ids))
-        assert (block - _bos_only_write(model, ids)).abs().max() <= 1e-5
-        short = model.new_memory_block(stm, ids[:K - 3])
-        assert short.shape == block.shape and (short - model.new_memory_block(other, ids[:K - 3])).abs().max() > 1e-3

@@ -115,25 +115,3 @@ def test_rivals_in_sequence_reaches_the_loss_and_must_be_a_boolean(tmp_path, mon
     (tmp_path / "s.toml").write_text(STAGE1.format(out="s").replace("[train]", '[train]\nrivals_in_sequence = "yes"'))
     with pytest.raises(ConfigError, match="rivals_in_sequence"):
         Stage1Config.from_toml(tmp_path / "s.toml")
-
-
-def test_write_prefix_is_saved_with_the_model_and_kept_by_a_continued_run(tmp_path):
-    """write_prefix = "bos" reaches the saved config (so inference writes as training did); a run continued from
-    it keeps it unless it names another; an unknown value is refused, naming the key."""
-    import pytest
-    from mplus import MPlus
-    from mplus.llama.config import ConfigError
-    (tmp_path / "base.toml").write_text(BASE.replace('out = "run"', 'out = "base"').replace("steps = 40", "steps = 5"))
-    train_base(BaseTrainConfig.from_toml(tmp_path / "base.toml"), progress=False)
-    (tmp_path / "s.toml").write_text(STAGE1.format(out="s").replace("steps = 24", "steps = 1")
-                                     .replace("[train]", '[train]\nwrite_prefix = "bos"'))
-    train(Stage1Config.from_toml(tmp_path / "s.toml"), progress=False)
-    assert MPlus.from_pretrained(tmp_path / "s").memory_config.write_prefix == "bos"
-    continued = STAGE1.replace(STAGE1[STAGE1.index("[memory]"):STAGE1.index("[train]")], "").replace("steps = 24", "steps = 1")
-    for out, value, expected in (("c", "", "bos"), ("d", 'write_prefix = "stm"', "stm")):
-        (tmp_path / "c.toml").write_text(continued.format(out=out).replace("[train]", f'[train]\ninit = "s"\n{value}'))
-        train(Stage1Config.from_toml(tmp_path / "c.toml"), progress=False)
-        assert MPlus.from_pretrained(tmp_path / out).memory_config.write_prefix == expected
-    (tmp_path / "e.toml").write_text(STAGE1.format(out="e").replace("[train]", '[train]\nwrite_prefix = "none"'))
-    with pytest.raises(ConfigError, match="write_prefix"):
-        Stage1Config.from_toml(tmp_path / "e.toml")

@@ -9,9 +9,7 @@ Two fields are this project's own, not the official code's: "mplus_question_temp
 asked in, as the model was trained to read it (the shipped tiny model: "Q: {question}\nA:", data/facts.py);
 `mplus ask` wraps a question in it; absent (the released models), a question is sent as is. And "mplus_task",
 the data it was trained on ("facts", the tiny model's, when absent; "people", train/tasks.py), which tells the
-demo and the retention benchmark what to ask. A third is a departure from the algorithm, off by default:
-"mplus_write_prefix" "bos" hides the STM rows a write pass would otherwise read before its chunk (see
-MPlus.new_memory_block), so a chunk's rows do not take in the previous chunk's; absent means "stm", the official.
+demo and the retention benchmark what to ask.
 """
 from __future__ import annotations
 
@@ -27,7 +25,6 @@ LORA_TARGETS = ("q_proj", "v_proj", "k_proj", "up_proj", "down_proj", "gate_proj
 MAX_TOKENS, MAX_BLOCKS, MAX_PREFIX, MAX_LORA_R, MAX_SELECTOR_DIM = 1 << 16, 1 << 16, 1 << 20, 4096, 1 << 16
 QUESTION_TEMPLATE_KEY, QUESTION_SLOT, MAX_TEMPLATE_CHARS = "mplus_question_template", "{question}", 4096
 TASK_KEY, TASKS = "mplus_task", ("facts", "people")
-WRITE_PREFIX_KEY, WRITE_PREFIXES = "mplus_write_prefix", ("stm", "bos")
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
@@ -52,7 +49,6 @@ class MemoryConfig:
     drop_memory_per_layer: bool = True  # MemoryLLM: one permutation per layer (True) or one for all; M+: always True
     question_template: str | None = None  # e.g. "Q: {question}\nA:"; None: questions are sent as they are
     task: str = "facts"  # the training data (train/tasks.py)
-    write_prefix: str = "stm"  # what a write pass reads before its chunk: the BOS row and the last K STM rows, or the BOS row
 
     def __post_init__(self) -> None:
         string("kind", self.kind, ("mplus", "memoryllm"))
@@ -85,7 +81,6 @@ class MemoryConfig:
                               "code, whatever the flag says); drop_memory_per_layer=False is for MemoryLLM only")
         _check_template(self.question_template)
         string(TASK_KEY, self.task, TASKS)
-        string(WRITE_PREFIX_KEY, self.write_prefix, WRITE_PREFIXES)
 
     @property
     def stm_size(self) -> int:
@@ -131,8 +126,7 @@ class MemoryConfig:
                       num_blocks=need("num_blocks"), lora_r=optional("r", 16, lora),
                       lora_alpha=optional("lora_alpha", 32, lora), lora_targets=tuple(targets),
                       drop_memory_per_layer=boolean("drop_memory_per_layer", optional("drop_memory_per_layer", True)),
-                      question_template=raw.get(QUESTION_TEMPLATE_KEY), task=optional(TASK_KEY, "facts"),
-                      write_prefix=optional(WRITE_PREFIX_KEY, "stm"))
+                      question_template=raw.get(QUESTION_TEMPLATE_KEY), task=optional(TASK_KEY, "facts"))
         if mplus:
             if optional("update_ltm_mode", "immediate") != "immediate":
                 raise ConfigError(f"update_ltm_mode {show(raw['update_ltm_mode'])} is not supported; only 'immediate' "
@@ -165,8 +159,6 @@ class MemoryConfig:
             out[QUESTION_TEMPLATE_KEY] = self.question_template
         if self.task != "facts":  # absent means facts: the tiny model's config stays as it was
             out[TASK_KEY] = self.task
-        if self.write_prefix != "stm":
-            out[WRITE_PREFIX_KEY] = self.write_prefix
         return out
 
 

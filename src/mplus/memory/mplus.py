@@ -329,14 +329,11 @@ class MPlus(nn.Module):
         query too. Differentiable: training backpropagates into the write adapter and the two embeddings.
         initialized False (MemoryLLM before its first write): no prefix, positions from 0, a block of min(K, n)
         rows. record: if a list is given, one dict per layer gets the layer's outputs ("layer_output").
-        memory_config.write_prefix "bos" (not the official): the key/value-only STM rows are left out, the
-        positions kept, so the chunk reads only bos and itself and its rows carry nothing of the previous chunk.
         """
         n, K, N = ids.shape[0], self.memory_config.num_tokens, self.memory_config.stm_size
         e = self.new_memory_positional_emb  # [1, 1, d]
         cos, sin = self._cos_sin(torch.arange(1 + K + n if initialized else n))  # bos 0, memory 1..K, chunk K+1..
         p = min(1 + K, 1 + n) if initialized else 0  # query boundary
-        seen = 1 if self.memory_config.write_prefix == "bos" else p  # "bos": the STM rows before p stay unread
         layers, new = self.model.layers, []
 
         def memory(l: int) -> torch.Tensor:  # [1, 1 + K, d]: bos, then the last K STM rows
@@ -347,7 +344,7 @@ class MPlus(nn.Module):
             return torch.cat((seq[:, :-K], seq[:, -K:] + e), 1)
 
         def prefix(l: int, _) -> tuple[torch.Tensor, torch.Tensor] | None:
-            return layers[l].prefix_kv(memory(l)[:, :seen], cos[:seen], sin[:seen], WRITE) if p else None
+            return layers[l].prefix_kv(memory(l)[:, :p], cos[:p], sin[:p], WRITE) if p else None
 
         def on_output(l: int, out: torch.Tensor) -> None:
             new.append(out[0, -K:])

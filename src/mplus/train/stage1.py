@@ -32,8 +32,7 @@ Config (TOML, see configs/stage1-tiny.toml):
               default false: all written from the step's STM; true: one after another, each write pass reading
               the previous person's block as inference does, train/memory.write_in_sequence);
               bos_init (optional, default "embedding": the official BOS rows; "hidden": the base's own hidden
-              states at BOS, its attention sinks, MPlus.from_llama), write_prefix (optional: "bos" hides the STM
-              rows from every write pass from now on, saved with the model, MemoryConfig; "stm" the official),
+              states at BOS, its attention sinks, MPlus.from_llama),
               init (optional: an M+ folder to continue, with a fresh optimiser; its memory settings replace the
               [memory] section, which must then be absent), base may name $MPLUS_CACHE (e.g. "$MPLUS_CACHE/smollm2-135m-instruct"),
               batch (optional, default 1: examples per step, their losses averaged; under torchrun each
@@ -55,7 +54,7 @@ from tqdm import tqdm
 
 from mplus.data.people import ATTRIBUTES
 from mplus.llama.config import ConfigError
-from mplus.memory.config import WRITE_PREFIXES, MemoryConfig
+from mplus.memory.config import MemoryConfig
 from mplus.memory.mplus import MPlus
 from mplus.train.base import config_fields, read_stage_config
 from mplus.train.distributed import gather, shard, start, sum_gradients, total
@@ -88,7 +87,6 @@ class Stage1Config:
     rivals_from_step: int = 0
     rivals_in_sequence: bool = False
     bos_init: str = "embedding"
-    write_prefix: str | None = None  # None: the model's own (a new model's: the official "stm")
 
     def attribute(self, step: int) -> str | None:
         """The attribute every example of this step states (attribute_run), or None for a random one each."""
@@ -117,8 +115,6 @@ class Stage1Config:
             raise ConfigError(f"{path}: bos_init sets up a new model; one continued from [train] init keeps its own")
         if t.get("bos_init", "embedding") not in ("embedding", "hidden"):
             raise ConfigError(f"{path}: bos_init is {t['bos_init']!r}; use \"embedding\" (the official) or \"hidden\"")
-        if t.get("write_prefix", "stm") not in WRITE_PREFIXES:
-            raise ConfigError(f"{path}: write_prefix is {t['write_prefix']!r}; use \"stm\" (the official) or \"bos\"")
         if not isinstance(t.get("rivals_in_sequence", False), bool):
             raise ConfigError(f"{path}: rivals_in_sequence is {t['rivals_in_sequence']!r}; use true or false")
         with config_fields(path):
@@ -143,7 +139,7 @@ class Stage1Config:
                        rivals=int(t.get("rivals", 0)), rival_ratio=float(t.get("rival_ratio", 0.0)),
                        rivals_from_step=int(t.get("rivals_from_step", 0)),
                        rivals_in_sequence=t.get("rivals_in_sequence", False),
-                       bos_init=str(t.get("bos_init", "embedding")), write_prefix=t.get("write_prefix"),
+                       bos_init=str(t.get("bos_init", "embedding")),
                        out=(path.parent / t["out"]).resolve())
 
 
@@ -165,8 +161,6 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
     tokenizer = tokenizers.Tokenizer.from_file(str(config.base / "tokenizer.json"))
     model = MPlus.from_llama(config.base, config.memory, seed=config.seed, bos=config.bos_init) if config.init is None else \
         MPlus.from_pretrained(config.init, base=config.base)
-    if config.write_prefix is not None:
-        model.memory_config = dataclasses.replace(model.memory_config, write_prefix=config.write_prefix)
     if model.memory_config.task != config.task.kind:
         raise ConfigError(f"{config.init} was trained on the {model.memory_config.task!r} task, this config asks for "
                           f"{config.task.kind!r}")
