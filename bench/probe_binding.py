@@ -84,7 +84,8 @@ def episode(rng: random.Random, split: str) -> tuple[dict, list[str]]:
 
 
 def rows_of(chunks: list[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per layer l, the last K outputs of layer l of every chunk written alone [5 K, d], and their positions."""
+    """Per layer l, the five chunks' rows as --write makes them [5 K, d] (after the BOS and STM rows with --read
+    memory), and their positions."""
     if args.write != "alone":
         ids = [torch.tensor(tok.encode(c).ids) for c in chunks]
         blocks = (write_in_sequence(model, stm, ids) if args.write == "sequence"
