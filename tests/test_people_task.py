@@ -147,7 +147,19 @@ def test_rival_examples_start_at_their_step_and_leave_earlier_draws_alone(raw):
     rivals = dataclasses.replace(plain, rivals=4, rival_ratio=1.0, rivals_from_step=5)
     a, b = random.Random(0), random.Random(0)
     for step in range(5):  # before rivals_from_step: the very same examples
-        (x, fx), (y, fy) = plain.draw(step, a, raw), rivals.draw(step, b, raw)
-        assert fx == fy and y[3] == [] and all(torch.equal(u, v) for u, v in zip(x[:3], y[:3]))
-    (chunk, _, _, others), fresh_only = rivals.draw(5, b, raw)
-    assert len(others) == 4 and not fresh_only  # read among the rivals, never from the fresh block alone
+        (x, fx, ex), (y, fy, ey) = plain.draw(step, a, raw), rivals.draw(step, b, raw)
+        assert fx == fy and y[3] == [] and all(torch.equal(u, v) for u, v in zip(x[:3], y[:3])) and not ex | ey
+    (chunk, _, _, others), fresh_only, empty = rivals.draw(5, b, raw)
+    assert len(others) == 4 and not fresh_only and not empty  # read among the rivals, never from the fresh block alone
+
+
+def test_rival_empty_ratio_empties_that_share_of_rival_examples_only(raw):
+    import dataclasses
+    from mplus.train.stage1 import Stage1Config
+    config = dataclasses.replace(Stage1Config.from_toml("configs/stage1-smol.toml"), rivals=4, rival_ratio=0.5,
+                                 rival_empty_ratio=0.5)
+    rng = random.Random(0)
+    draws = [config.draw(0, rng, raw) for _ in range(200)]
+    rival = [empty for (example, _, empty) in draws if example[3]]
+    assert not any(empty for (example, _, empty) in draws if not example[3])  # single facts keep their memory
+    assert 60 < len(rival) < 140 and 0.3 < sum(rival) / len(rival) < 0.7

@@ -115,3 +115,23 @@ def test_rivals_in_sequence_reaches_the_loss_and_must_be_a_boolean(tmp_path, mon
     (tmp_path / "s.toml").write_text(STAGE1.format(out="s").replace("[train]", '[train]\nrivals_in_sequence = "yes"'))
     with pytest.raises(ConfigError, match="rivals_in_sequence"):
         Stage1Config.from_toml(tmp_path / "s.toml")
+
+
+def test_rival_empty_ratio_gives_the_loss_an_empty_stm_and_is_a_share(tmp_path, monkeypatch):
+    """An example drawn as empty reads and writes with zeros in place of the step's STM; the others with the STM."""
+    import pytest
+    import mplus.train.stage1 as stage1
+    from mplus.llama.config import ConfigError
+    (tmp_path / "base.toml").write_text(BASE.replace('out = "run"', 'out = "base"').replace("steps = 40", "steps = 5"))
+    train_base(BaseTrainConfig.from_toml(tmp_path / "base.toml"), progress=False)
+    seen, loss, draw = [], stage1.stage1_loss, Stage1Config.draw
+    monkeypatch.setattr(stage1, "stage1_loss", lambda model, stm, *a, **kw: seen.append(stm) or loss(model, stm, *a, **kw))
+    for empty in (False, True):
+        monkeypatch.setattr(Stage1Config, "draw", lambda self, *a: (*draw(self, *a)[:2], empty))
+        (tmp_path / "s.toml").write_text(STAGE1.format(out=f"s{empty}").replace("steps = 24", "steps = 1"))
+        train(Stage1Config.from_toml(tmp_path / "s.toml"), progress=False)
+        assert bool(seen.pop().abs().sum() == 0) is empty
+    for bad in ("1.5", "true", '"half"'):
+        (tmp_path / "s.toml").write_text(STAGE1.format(out="s").replace("[train]", f"[train]\nrival_empty_ratio = {bad}"))
+        with pytest.raises(ConfigError, match="rival_empty_ratio"):
+            Stage1Config.from_toml(tmp_path / "s.toml")

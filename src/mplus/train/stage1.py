@@ -31,6 +31,9 @@ Config (TOML, see configs/stage1-tiny.toml):
               block, all shown as the last writes: train/memory.rival_prefix); rivals_in_sequence (optional,
               default false: all written from the step's STM; true: one after another, each write pass reading
               the previous person's block as inference does, train/memory.write_in_sequence);
+              rival_empty_ratio (optional, default 0: the share of rival examples that read and write with an
+              empty STM, zeros, around their blocks; the others' rows drown the name's binding otherwise, see
+              docs/real-model.md);
               bos_init (optional, default "embedding": the official BOS rows; "hidden": the base's own hidden
               states at BOS, its attention sinks, MPlus.from_llama),
               init (optional: an M+ folder to continue, with a fresh optimiser; its memory settings replace the
@@ -87,6 +90,7 @@ class Stage1Config:
     rivals_from_step: int = 0
     rivals_in_sequence: bool = False
     bos_init: str = "embedding"
+    rival_empty_ratio: float = 0.0
 
     def attribute(self, step: int) -> str | None:
         """The attribute every example of this step states (attribute_run), or None for a random one each."""
@@ -94,14 +98,16 @@ class Stage1Config:
             return None
         return ATTRIBUTES[(step // self.attribute_run) % len(ATTRIBUTES)]
 
-    def draw(self, step: int, rng: random.Random, tokenizer: tokenizers.Tokenizer) -> tuple[tuple, bool]:
-        """One example ((chunk, sentence, targets, rival chunks), fresh_only). Rival examples (asked among
-        other people's values of one kind) always read the full memory; a run without them keeps its draws."""
+    def draw(self, step: int, rng: random.Random, tokenizer: tokenizers.Tokenizer) -> tuple[tuple, bool, bool]:
+        """One example ((chunk, sentence, targets, rival chunks), fresh_only, empty). Rival examples (asked among
+        other people's values of one kind) always read the full memory, empty (zeros besides their blocks) for a
+        share rival_empty_ratio; a run without them keeps its draws."""
         if self.rivals and step >= self.rivals_from_step and rng.random() < self.rival_ratio:
             chunks, i, sentence, targets = self.task.rival_example(rng, tokenizer, self.filler_words, self.rivals)
-            return (chunks[i], sentence, targets, chunks[:i] + chunks[i + 1:]), False
+            empty = self.rival_empty_ratio > 0 and rng.random() < self.rival_empty_ratio
+            return (chunks[i], sentence, targets, chunks[:i] + chunks[i + 1:]), False, empty
         example = self.task.example(rng, tokenizer, self.filler_words, self.repeat_ratio, self.attribute(step))
-        return (*example, []), rng.random() < self.fresh_ratio
+        return (*example, []), rng.random() < self.fresh_ratio, False
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "Stage1Config":
@@ -117,6 +123,9 @@ class Stage1Config:
             raise ConfigError(f"{path}: bos_init is {t['bos_init']!r}; use \"embedding\" (the official) or \"hidden\"")
         if not isinstance(t.get("rivals_in_sequence", False), bool):
             raise ConfigError(f"{path}: rivals_in_sequence is {t['rivals_in_sequence']!r}; use true or false")
+        empty = t.get("rival_empty_ratio", 0)
+        if isinstance(empty, bool) or not isinstance(empty, (int, float)) or not 0 <= empty <= 1:
+            raise ConfigError(f"{path}: rival_empty_ratio is {t['rival_empty_ratio']!r}; use a share from 0 to 1")
         with config_fields(path):
             task = Task(t.get("task", "facts"), float(t.get("chat_ratio", 0.0)), int(t.get("max_people", 1)))
             memory = None if "init" in t else MemoryConfig(kind="mplus", num_tokens=m["num_tokens"], num_blocks=m["num_blocks"],
@@ -140,6 +149,7 @@ class Stage1Config:
                        rivals_from_step=int(t.get("rivals_from_step", 0)),
                        rivals_in_sequence=t.get("rivals_in_sequence", False),
                        bos_init=str(t.get("bos_init", "embedding")),
+                       rival_empty_ratio=float(t.get("rival_empty_ratio", 0.0)),
                        out=(path.parent / t["out"]).resolve())
 
 
@@ -184,8 +194,9 @@ def train(config: Stage1Config, *, max_steps: int | None = None, progress: bool 
         optim.zero_grad(set_to_none=True)
         local, deltas = 0.0, []
         for i in mine:
-            (chunk, sentence, targets, rival_chunks), fresh_only = examples[i]
-            loss, delta = stage1_loss(model, state.stm, chunk, sentence, targets, fresh_only=fresh_only, g=gens[i],
+            (chunk, sentence, targets, rival_chunks), fresh_only, empty = examples[i]
+            stm = torch.zeros_like(state.stm) if empty else state.stm  # [L, N, d]
+            loss, delta = stage1_loss(model, stm, chunk, sentence, targets, fresh_only=fresh_only, g=gens[i],
                                       placement=config.placement, rival_chunks=rival_chunks,
                                       in_sequence=config.rivals_in_sequence)
             (loss / config.batch).backward()  # the global batch's mean; backward per example frees its graph
