@@ -47,14 +47,12 @@ train-tiny: venv
 	$(VENV)/bin/mplus train --config configs/stage2-tiny.toml
 	$(VENV)/bin/mplus train --config configs/stage3-tiny.toml
 
-# Train M+ around the frozen SmolLM2-135M-Instruct into runs/stage3-smol (stages 1, 1b, 2, 3 on invented people in
-# plain English, about 1.5 hours with one thread), then keep only what training added, with the base's sha256,
+# Train M+ around the frozen SmolLM2-135M-Instruct into runs/stage3-smol (stages 1, 2, 3 on invented people in
+# plain English, about 35 minutes with one thread), then keep only what training added, with the base's sha256,
 # in checkpoints/smollm2-mplus. Each stage resumes where it stopped; under torchrun --nproc_per_node N stage 1
 # trains data-parallel (docs/distributed.md).
 train-smol: fetch
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/mplus train --config configs/stage1-smol.toml
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/mplus train --config configs/stage1b-smol.toml
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m mplus train --config configs/stage1c-smol.toml
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/mplus train --config configs/stage2-smol.toml
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/mplus train --config configs/stage3-smol.toml
 	$(VENV)/bin/mplus ship --model runs/stage3-smol --base $(MPLUS_CACHE)/smollm2-135m-instruct --out checkpoints/smollm2-mplus

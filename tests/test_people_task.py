@@ -143,7 +143,8 @@ def test_rival_examples_ask_one_of_several_people_by_name(raw):
 def test_rival_examples_start_at_their_step_and_leave_earlier_draws_alone(raw):
     import dataclasses
     from mplus.train.stage1 import Stage1Config
-    plain = Stage1Config.from_toml("configs/stage1-smol.toml")
+    shipped = Stage1Config.from_toml("configs/stage1-smol.toml")  # rival examples only, half of them emptied
+    plain = dataclasses.replace(shipped, rivals=0, rival_ratio=0.0, rival_empty_ratio=0.0)
     rivals = dataclasses.replace(plain, rivals=4, rival_ratio=1.0, rivals_from_step=5)
     a, b = random.Random(0), random.Random(0)
     for step in range(5):  # before rivals_from_step: the very same examples
